@@ -229,7 +229,7 @@ def _replace_function(nb, name: str, new_source: str) -> None:
     cell.source = new_source
 
 def broken_notebook(path: Path) -> Path:
-    "The solution notebook with four exercises broken in four different ways."
+    "The solution notebook with five exercises broken in five different ways."
     nb = nbformat.read(SOLUTION, as_version=4)
     _replace_function(nb, "numerical_gradient", "def numerical_gradient(f, x, eps=1e-5:\n    return x")   # syntax error
     _replace_function(nb, "sgd_momentum_step", "def sgd_momentum_step(p, g, v, lr, mu):\n    while True: pass")  # endless
@@ -238,6 +238,8 @@ def broken_notebook(path: Path) -> Path:
     _replace_function(nb, "two_layer_mlp_gradients", (                                               # ignores interrupts
         "def two_layer_mlp_gradients(X, Y, W1, b1, W2, b2):\n    import time\n    while True:\n"
         "        try: time.sleep(0.05)\n        except KeyboardInterrupt: pass"))
+    nb.cells = [c for c in nb.cells if "check_warmup_cosine_lr(" not in c.source]                 # check cell deleted
+    path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
 
@@ -246,7 +248,7 @@ def broken_notebook(path: Path) -> Path:
 def graded(tmp_path_factory):
     "One in-process `grade` run over the student notebook, a broken notebook and an invalid file."
     tmp = tmp_path_factory.mktemp("class")
-    broken = broken_notebook(tmp/"broken.ipynb")
+    broken = broken_notebook(tmp/"broken"/SOLUTION.name)  # its exercises are also read from the solution of that name
     (tmp/"invalid.ipynb").write_text("{ this is not a notebook", encoding="utf-8")
     paths = [str(STUDENT), str(broken), str(tmp/"invalid.ipynb")]
     t0 = time.monotonic()
@@ -270,15 +272,16 @@ def test_grade_isolates_endless_loops_syntax_errors_and_dead_kernels(graded):
     status = {e["name"]: e["status"] for e in broken["exercises"]}
     assert status == {"mse_gradient": "passed", "numerical_gradient": "error", "sgd_momentum_step": "timeout",
                       "adam_step": "passed", "max_stable_learning_rate": "error",
-                      "two_layer_mlp_gradients": "timeout", "warmup_cosine_lr": "passed"}, broken
-    assert broken["score"] == pytest.approx(3 / 7)
+                      "two_layer_mlp_gradients": "timeout", "warmup_cosine_lr": "not run"}, broken
+    assert broken["score"] == pytest.approx(2 / 7)
     messages = {e["name"]: e["message"] for e in broken["exercises"]}
     assert "SyntaxError" in messages["numerical_gradient"]
     assert "kernel died" in messages["max_stable_learning_rate"]
     assert "ignored the interrupt" in messages["two_layer_mlp_gradients"]
+    assert "deleted" in messages["warmup_cosine_lr"]
     problems = " ".join(broken["problems"])
     assert "SyntaxError" in problems and "kernel restarted" in problems
-    # four exercises broken, two of them endless: bounded by the time limit, not by the loops
+    # five exercises broken, two of them endless: bounded by the time limit, not by the loops
     assert broken["seconds"] < 4 * TIMEOUT + 40, broken["seconds"]
 
 
@@ -294,8 +297,8 @@ def test_grade_json_and_csv_have_the_required_fields(graded):
     rows = graded["rows"]
     assert len(rows) == 3 and list(rows[0])[:2] == ["notebook", "score"]
     assert set(EXERCISES) <= set(rows[0])
-    broken = next(r for r in rows if r["notebook"].endswith("broken.ipynb"))
-    assert [broken[n] for n in EXERCISES] == ["1", "0", "0", "1", "0", "0", "1"]
+    broken = next(r for r in rows if "broken" in r["notebook"])
+    assert [broken[n] for n in EXERCISES] == ["1", "0", "0", "1", "0", "0", "0"]
     assert next(r for r in rows if r["notebook"].endswith("invalid.ipynb"))["error"].startswith("not a notebook")
 
 
