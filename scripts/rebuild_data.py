@@ -28,7 +28,8 @@ Standard library only, plus what it needs at run time:
     folder that is deleted afterwards; `pip install rdata` yourself to skip that step;
   * GNU gzip on PATH (`gzip -n -9`): the bundled austen.txt.gz was compressed with it, and
     zlib's deflate gives different (equally valid) bytes. macOS: `brew install gzip`.
-The machine needs to reach PyPI (through pip) and deb.debian.org (or `apt-get download`).
+The machine needs to reach PyPI (through pip) and Debian's archive (through `apt-get download`;
+run `apt-get update` once first).
 """
 from __future__ import annotations
 
@@ -48,7 +49,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -63,13 +63,7 @@ RDATA_REQUIREMENT = "rdata>=0.9"  # tested with rdata 1.1.0
 
 DEBIAN_PACKAGE, DEBIAN_VERSION = "r-cran-janeaustenr", "1.0.0-1"
 DEBIAN_DEB = f"{DEBIAN_PACKAGE}_{DEBIAN_VERSION}_all.deb"
-DEBIAN_POOL = f"pool/main/r/{DEBIAN_PACKAGE}/{DEBIAN_DEB}"
-DEBIAN_URLS = (
-    f"https://deb.debian.org/debian/{DEBIAN_POOL}",
-    f"http://deb.debian.org/debian/{DEBIAN_POOL}",
-    f"https://snapshot.debian.org/archive/debian/20250520T000000Z/{DEBIAN_POOL}",
-)
-# Downloaded over plain HTTP(S) rather than through apt, so the .deb is pinned by hash.
+# Fetched with apt's own client, pinned by version and checked against this hash.
 DEBIAN_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
 JANEAUSTENR_DATA = "usr/lib/R/site-library/janeaustenr/data"
 # The novels in the order they follow one another in austen.txt.gz.
@@ -361,28 +355,23 @@ def extract_from_wheel(wheel: Path, member: str, dest: Path) -> Path:
 
 
 def download_debian_package(dest: Path) -> Path:
-    """janeaustenr's .deb, from deb.debian.org (or `apt-get download`), checked against its sha256."""
+    """janeaustenr's .deb, fetched with `apt-get download` and checked against its sha256."""
     target = dest / DEBIAN_DEB
-    errors = []
-    for url in DEBIAN_URLS:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                target.write_bytes(response.read())
-        except OSError as error:
-            errors.append(f"{url}: {error}")
-            continue
-        if sha256_file(target) == DEBIAN_DEB_SHA256:
-            return target
-        errors.append(f"{url}: sha256 {sha256_file(target)} is not the published {DEBIAN_DEB_SHA256}")
-    if shutil.which("apt-get"):
-        result = subprocess.run(["apt-get", "download", f"{DEBIAN_PACKAGE}={DEBIAN_VERSION}"],
-                                cwd=dest, capture_output=True, text=True)
-        if result.returncode == 0 and target.is_file() and sha256_file(target) == DEBIAN_DEB_SHA256:
-            return target
-        errors.append(f"apt-get download: {(result.stderr or result.stdout).strip()[-500:]} "
-                      f"(run `apt-get update` first if it cannot locate the package)")
-    raise RebuildError(f"could not download Debian package {DEBIAN_PACKAGE} {DEBIAN_VERSION}. This machine "
-                       f"needs to reach deb.debian.org (or apt's Debian repositories).\n  " + "\n  ".join(errors))
+    if not shutil.which("apt-get"):
+        raise RebuildError(f"could not download Debian package {DEBIAN_PACKAGE} {DEBIAN_VERSION}: `apt-get` is not "
+                           f"available. Run this script on a Debian-based machine, or fetch {DEBIAN_DEB} there and "
+                           f"pass the folder with --work-dir.")
+    if target.is_file() and sha256_file(target) == DEBIAN_DEB_SHA256:
+        return target  # already in --work-dir
+    result = subprocess.run(["apt-get", "download", f"{DEBIAN_PACKAGE}={DEBIAN_VERSION}"],
+                            cwd=dest, capture_output=True, text=True)
+    if result.returncode != 0 or not target.is_file():
+        raise RebuildError(f"could not download Debian package {DEBIAN_PACKAGE} {DEBIAN_VERSION} with `apt-get download`: "
+                           f"{(result.stderr or result.stdout).strip()[-500:]}\nThis machine needs to reach Debian's archive; "
+                           f"run `apt-get update` first if apt cannot locate the package.")
+    if sha256_file(target) != DEBIAN_DEB_SHA256:
+        raise RebuildError(f"{DEBIAN_DEB} from apt has sha256 {sha256_file(target)}, not the published {DEBIAN_DEB_SHA256}.")
+    return target
 
 
 def start_rdata_install(work_dir: Path) -> subprocess.Popen | None:
