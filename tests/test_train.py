@@ -80,6 +80,19 @@ def test_eval_metrics_land_in_history():
     assert len(fig.axes) == 1 and fig.axes[0].get_legend() is not None
 
 
+def test_eval_fn_gets_a_dataloader_moved_to_the_device_with_its_attributes():
+    x, y = make_data()
+    eval_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[320:], y[320:]), batch_size=50)
+    def eval_fn(model, loader):
+        right = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in loader)
+        return {"accuracy": right/len(loader.dataset), "batches": torch.tensor(len(loader))}
+    model, opt, _, tl, _ = make_run()
+    h = train(model, opt, tl, loss_fn, max_steps=3, eval_loader=eval_loader, eval_fn=eval_fn, device="cpu")
+    assert h.last("batches") == 2.0 and 0 <= h.last("accuracy") <= 1
+    with pytest.raises(ValueError, match="'loss'.*val_loss"):
+        train(model, opt, tl, loss_fn, max_steps=1, eval_loader=eval_loader, eval_fn=lambda m, l: {"loss": 1.0}, device="cpu")
+
+
 @pytest.mark.parametrize("how", ["exception", "max_steps"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, how):
     common = dict(epochs=3, eval_every=4, eval_fn=accuracy, device="cpu")
