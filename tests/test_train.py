@@ -1,6 +1,7 @@
 """Tests of `ptm_course.train`: learning, evaluation, checkpoints, bit-exact resume, errors, two processes."""
 import json
 import os
+import signal
 import re
 import socket
 import subprocess
@@ -277,18 +278,28 @@ history.to_json(os.path.join(out, f"history-{rank}.json"))
 """
 
 
+def run_bounded(cmd, env, timeout, log):
+    "Run `cmd` in its own process group with output to `log`; on timeout kill the whole group (torchrun's workers too)."
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try: return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+            pytest.fail(f"{' '.join(map(str, cmd[:4]))}... did not finish in {timeout} s; killed with its workers. "
+                        f"Output:\n{Path(log).read_text()[-3000:]}")
+
+
 def test_two_processes_stay_in_sync(tmp_path):
     script = tmp_path/"script.py"
     script.write_text(textwrap.dedent(TWO_PROCESS_SCRIPT))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     with socket.socket() as s:  # a free port, so that tests running side by side don't meet
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), str(script), str(tmp_path), "24"],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path), "48"], env=env, capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_bounded([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                       "--master_port", str(port), str(script), str(tmp_path), "24"], env=env, timeout=300, log=tmp_path/"two.log")
+    assert two == 0, (tmp_path/"two.log").read_text()[-6000:]
+    one = run_bounded([sys.executable, str(script), str(tmp_path), "48"], env=env, timeout=300, log=tmp_path/"one.log")
+    assert one == 0, (tmp_path/"one.log").read_text()[-3000:]
     w0, w1, single = (load_file(tmp_path/f"weights-{r}.safetensors") for r in ("0", "1", "single"))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # data parallel: one model, two processes
     # two processes × 24 examples = one process × 48 (the same permutation, the gradients averaged)
