@@ -110,14 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exercises", help="write the student notebooks from exercises/solutions/")
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student notebook is stale")
     b = sub.add_parser("bench", help="run a benchmark and write its measured figures as JSON (hardware named)")
-    b.add_argument("name", choices=["mnist"], help="which benchmark")
+    b.add_argument("name", choices=["mnist", "bert"], help="which benchmark")
     b.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default: chosen by the benchmark)")
     b.add_argument("--runs", type=int, metavar="N", help="repetitions per measurement (default: chosen by the benchmark)")
+    sub.add_parser("pretrain-bert", add_help=False,
+                   help="pretrain a small BERT with masked-LM on Austen (see `ptm-course pretrain-bert --help`)")
     return p
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `ptm-course` console script."
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain-bert"]:  # it parses its own options
+        from ptm_course.text import pretrain_bert_cli
+        return pretrain_bert_cli(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "doctor": return 1 if doctor(args.verbose) else 0
     if args.command == "grade":

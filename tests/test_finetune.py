@@ -1,0 +1,112 @@
+"""Tests of ptm_course.finetune (chapter 6): batches, the three starts, fine-tuning, saving and `classify`."""
+import json
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from ptm_course import finetune as FT
+from ptm_course import text as T
+from ptm_course.data import Review, load_tokenizer, review_splits
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tokenizer, tmp_path_factory):
+    "A tiny BERT 'pretrained' for a few steps, saved like chapter 5's folder."
+    folder = tmp_path_factory.mktemp("bert")/"tiny"
+    cfg = T.small_bert_config(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)
+    data = T.austen_mlm_data(tokenizer, block_size=64, limit_blocks=32)
+    T.pretrain_bert(folder, tokenizer=tokenizer, config=cfg, data=data, block_size=64, batch_size=8, steps=3, device="cpu", desc="test")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_splits():
+    s = review_splits(seed=0)
+    return {"train": s["train"][:96], "validation": s["validation"][:48], "test": s["test"][:64]}
+
+
+def test_batches_are_padded_per_batch_and_grouped_by_length(tokenizer, small_splits):
+    enc = FT.encode_reviews(small_splits["train"], tokenizer, max_length=16)
+    assert all(len(e["input_ids"]) <= 16 for e in enc) and {e["labels"] for e in enc} <= {0, 1}
+    assert [e["labels"] for e in enc] == [r.label for r in small_splits["train"]]
+    batches = list(FT.review_loader(enc, tokenizer, batch_size=8, seed=1))
+    assert sum(len(b["labels"]) for b in batches) == len(enc)
+    for b in batches:
+        assert b["input_ids"].shape == b["attention_mask"].shape and b["attention_mask"][:, 0].all()
+        assert b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]  # padded to its own longest review only
+    ordered = list(FT.review_loader(enc, tokenizer, batch_size=8, shuffle=False))
+    assert torch.equal(ordered[0]["labels"], torch.tensor([e["labels"] for e in enc[:8]]))
+    with pytest.raises(ValueError, match="empty"):
+        FT.review_loader([], tokenizer)
+
+
+def test_three_starts(tiny_bert):
+    from transformers import BertForMaskedLM
+    mlm = BertForMaskedLM.from_pretrained(tiny_bert, local_files_only=True)
+    pre = FT.classifier_from("small_pretrained", seed=0, small_bert=tiny_bert)
+    scratch = FT.classifier_from("small_scratch", seed=0, small_bert=tiny_bert)
+    q = lambda m: m.bert.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(q(pre), q(mlm)) and not torch.equal(q(scratch), q(mlm))
+    assert pre.config.id2label == {0: "rotten", 1: "fresh"} and pre.classifier.out_features == 2
+    assert sum(p.numel() for p in pre.parameters()) == sum(p.numel() for p in scratch.parameters())
+    again = FT.classifier_from("small_pretrained", seed=0, small_bert=tiny_bert)
+    assert torch.equal(again.classifier.weight, pre.classifier.weight)  # the new head depends on the seed only
+    assert not torch.equal(FT.classifier_from("small_pretrained", seed=1, small_bert=tiny_bert).classifier.weight, pre.classifier.weight)
+    minilm = FT.classifier_from("minilm")
+    assert isinstance(minilm, BertForSequenceClassification) and minilm.config.hidden_size == 384
+
+
+def test_finetune_save_reload_and_classify(tokenizer, tiny_bert, small_splits, tmp_path):
+    model = FT.classifier_from("small_pretrained", small_bert=tiny_bert)
+    history, results = FT.finetune_classifier(model, tokenizer, small_splits, lr=1e-3, epochs=2, batch_size=16, seed=0,
+                                              device="cpu", output_dir=tmp_path/"clf", desc="test")
+    assert results["steps"] == 2*6 and len(history) == 12 and "accuracy" in history.rows[5] and "accuracy" in history.rows[-1]
+    assert 0 <= results["test_accuracy"] <= 1 and results["parameters"] == T.count_parameters(model)
+    saved = json.loads((tmp_path/"clf"/"finetuning.json").read_text())
+    assert saved["test_accuracy"] == results["test_accuracy"]
+    texts = [r.text for r in small_splits["test"]]
+    out = FT.classify(texts, tmp_path/"clf", device="cpu", batch_size=7)
+    assert len(out) == len(texts)
+    for r in out:
+        assert r["label"] in ("rotten", "fresh") and r["label_id"] == ("rotten", "fresh").index(r["label"])
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["probabilities"][r["label"]] >= 0.5
+    acc = sum(r["label_id"] == rev.label for r, rev in zip(out, small_splits["test"]))/len(texts)
+    assert abs(acc - results["test_accuracy"]) < 1e-9  # the reloaded folder gives the accuracy measured after training
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path/"clf", local_files_only=True).eval()
+    enc = tokenizer(texts[0], return_tensors="pt")
+    with torch.no_grad(): seed_style = reloaded(**enc).logits.argmax(dim=1).item()  # the seed's inference snippet
+    assert seed_style == out[0]["label_id"]
+    assert FT.classify("a single string works too", tmp_path/"clf", device="cpu")[0]["label"] in ("rotten", "fresh")
+
+
+def test_classify_rejects_bad_input(tmp_path, tiny_bert):
+    with pytest.raises(FileNotFoundError, match="No fine-tuned model"):
+        FT.classify(["fine"], tmp_path/"nothing-here")
+    folder = tmp_path/"clf"
+    FT.save_classifier(FT.classifier_from("small_scratch", small_bert=tiny_bert), load_tokenizer(), folder)
+    with pytest.raises(ValueError, match="empty"):
+        FT.classify(["good", "   "], folder)
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+        FT.classify(["good", 3], folder)
+    assert FT.classify([], folder) == []
+
+
+def test_finetune_needs_all_three_splits(tokenizer, tiny_bert, small_splits):
+    with pytest.raises(ValueError, match="missing"):
+        FT.finetune_classifier(FT.classifier_from("small_scratch", small_bert=tiny_bert), tokenizer, {"train": small_splits["train"]})
+
+
+def test_comparison_table():
+    fake = {("a", 0): (None, dict(test_accuracy=0.8, seconds=10, tokens_per_s=100, parameters=5)),
+            ("a", 1): (None, dict(test_accuracy=0.9, seconds=20, tokens_per_s=300, parameters=5)),
+            ("b", 0): (None, dict(test_accuracy=0.5, seconds=1, tokens_per_s=10, parameters=2))}
+    rows = FT.comparison_table(fake, {"a": "start A"})
+    assert [r["start"] for r in rows] == ["a", "b"] and rows[0]["name"] == "start A"
+    assert abs(rows[0]["accuracy"] - 0.85) < 1e-12 and abs(rows[0]["std"] - 0.0707106781) < 1e-6 and rows[1]["std"] == 0.0
+    assert "| start A | 85.0 ± 7.1 % |" in FT.format_comparison(rows)
