@@ -50,3 +50,17 @@ def test_fastest_public_recipe_learns_on_a_slice():
     d["x_test"], d["y_test"] = mnist_tensors(False, "cpu", limit=500)
     (seconds, epochs, acc), = bench.fastest_public_recipe(d, 0, torch.device("cpu"), epochs=2)
     assert seconds > 0 and acc > 80, acc
+
+
+def test_bench_bert_fast_mode_prints_json_last(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PTM_FAST", "1")
+    assert bench.bench_cli("bert", json_path=str(tmp_path/"bert.json"), runs=1) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    last = json.loads(lines[-1])
+    assert {"minilm_acc", "small_pretrained_acc", "small_scratch_acc", "mlm_val_loss", "unigram_val_loss", "device"} <= set(last)
+    assert last["fast_mode"] is True and last["seeds"] == 1 and last["hardware"]["cpu"]
+    assert all(0 <= last[k] <= 100 for k in ("minilm_acc", "small_pretrained_acc", "small_scratch_acc"))
+    assert 0 < last["mlm_val_loss"] and 0 < last["unigram_val_loss"] < 11
+    written = json.loads((tmp_path/"bert.json").read_text())
+    assert set(written["finetuning"]) == {"minilm", "small_pretrained", "small_scratch"}
+    assert any(l.startswith("minilm") for l in lines), "the table is missing"
