@@ -65,8 +65,8 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
     finally:
         hf_logging.set_verbosity(verbosity)
 
-# %% ../nbs/06_bert_finetuning.ipynb #43e4d59b
-RECIPES = {"minilm": dict(lr=5e-5, epochs=3), "small_pretrained": dict(lr=2e-4, epochs=4), "small_scratch": dict(lr=2e-4, epochs=4)}
+# %% ../nbs/06_bert_finetuning.ipynb #66523e6b
+RECIPES = {"minilm": dict(lr=1e-4, epochs=2), "small_pretrained": dict(lr=3e-4, epochs=3), "small_scratch": dict(lr=3e-4, epochs=3)}
 
 @torch.no_grad()
 def evaluate_reviews(model, loader) -> dict[str, float]:
