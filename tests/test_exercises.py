@@ -17,28 +17,20 @@ import nbformat
 import pytest
 import torch
 
+from exercise_helpers import (
+    ROOT, assert_not_attempted, assert_student_notebook, assert_unchanged_by_nbdev_clean, functions_of, solution_notebook,
+    student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import gradient_descent as gd
 
-ROOT = Path(__file__).resolve().parents[1]
-SOLUTION = ROOT/"exercises"/"solutions"/"01_gradient_descent.ipynb"
-STUDENT = ROOT/"exercises"/"01_gradient_descent.ipynb"
+CHAPTER = "01_gradient_descent"
+SOLUTION, STUDENT = solution_notebook(CHAPTER), student_notebook(CHAPTER)
 EXERCISES = ["mse_gradient", "numerical_gradient", "sgd_momentum_step", "adam_step",
              "max_stable_learning_rate", "two_layer_mlp_gradients", "warmup_cosine_lr"]
 TIMEOUT = 10  # seconds per cell when grading; the import cell (torch) must fit, on a busy 2-core machine too
 
 
-def functions_of(path: Path) -> dict:
-    "The exercise functions of a notebook, defined by running the code cells that hold them."
-    ns = {}
-    exec("import math\nimport torch", ns)
-    for cell in nbformat.read(path, as_version=4).cells:
-        if cell.cell_type == "code" and any(f"def {name}(" in cell.source for name in EXERCISES):
-            exec(cell.source, ns)
-    return {name: ns[name] for name in EXERCISES}
-
-
-REFERENCE, STUBS = functions_of(SOLUTION), functions_of(STUDENT)
+REFERENCE, STUBS = functions_of(SOLUTION, EXERCISES), functions_of(STUDENT, EXERCISES)
 CHECKERS = {name: getattr(gd, f"check_{name}") for name in EXERCISES}
 
 
@@ -132,9 +124,7 @@ def test_checker_passes_the_reference_solution(name):
 
 @pytest.mark.parametrize("name", EXERCISES)
 def test_checker_reports_the_stub_as_not_attempted(name):
-    result = CHECKERS[name](STUBS[name], show=False)
-    assert result.status == ex.NOT_ATTEMPTED and not result.passed, result
-    assert "not attempted" in result.message
+    assert_not_attempted(CHECKERS[name], STUBS[name], name)
 
 
 @pytest.mark.parametrize("name", EXERCISES)
@@ -183,23 +173,13 @@ def test_student_notebooks_are_up_to_date():
 
 
 def test_student_notebook_has_stubs_and_no_solutions_or_outputs():
-    text = STUDENT.read_text(encoding="utf-8")
-    assert ex.BEGIN_SOLUTION not in text and ex.END_SOLUTION not in text
-    for line in ("2 / X.shape[0] * (X.T @ residuals)", "m_hat = m / (1 - beta1**t)", "dZ = dH * (Z > 0)"):
-        assert line in SOLUTION.read_text(encoding="utf-8") and line not in text
-    nb = nbformat.read(STUDENT, as_version=4)
-    assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code")
-    assert sum("raise NotImplementedError(" in c.source for c in nb.cells if c.cell_type == "code") == len(EXERCISES)
+    assert_student_notebook(CHAPTER, ("2 / X.shape[0] * (X.T @ residuals)", "m_hat = m / (1 - beta1**t)", "dZ = dH * (Z > 0)"),
+                            len(EXERCISES))
 
 
 def test_student_notebook_is_unchanged_by_nbdev_clean():
     "CI runs `nbdev-clean --fname exercises` before checking that generated files are up to date."
-    from fastcore.nbio import nb2str
-    from nbdev.clean import clean_nb
-    text = STUDENT.read_text(encoding="utf-8")
-    nb = json.loads(text)
-    clean_nb(nb)
-    assert nb2str(nb) == text
+    assert_unchanged_by_nbdev_clean(STUDENT)
 
 
 def test_generate_cli_writes_and_detects_stale_notebooks(tmp_path, monkeypatch):

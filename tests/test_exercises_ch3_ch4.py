@@ -6,11 +6,8 @@ state alone, and fail typical wrong answers with the right hint. The wrong answe
 out here, independently of the mistake models inside the checkers. One module-scoped `grade` run
 scores the two solution notebooks (1.0) and the two student notebooks (0.0)."""
 import concurrent.futures
-import json
 import math
-import os
 import time
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -18,29 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exercise_helpers import (
+    ROOT, assert_catches, assert_graded, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_student_notebook,
+    assert_survives_crashes_and_wrong_types, assert_unchanged_by_nbdev_clean, functions_of, grade, passive_openmp_waits,
+    solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import mnist as mn
 from ptm_course.checks import objectives as obj
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = {
     "03_objectives": (obj, ["denoising_loss", "causal_lm_loss", "perplexity", "mask_tokens", "masked_lm_loss", "distillation_loss"]),
     "04_mnist": (mn, ["output_shape", "accuracy", "confusion_matrix", "train_step", "freeze_encoder", "mask_pixels"]),
 }
-SOLUTIONS = {ch: ROOT/"exercises"/"solutions"/f"{ch}.ipynb" for ch in CHAPTERS}
-STUDENTS = {ch: ROOT/"exercises"/f"{ch}.ipynb" for ch in CHAPTERS}
+SOLUTIONS = {ch: solution_notebook(ch) for ch in CHAPTERS}
+STUDENTS = {ch: student_notebook(ch) for ch in CHAPTERS}
 EXERCISES = [name for _, names in CHAPTERS.values() for name in names]
 CHECKERS = {name: getattr(module, f"check_{name}") for module, names in CHAPTERS.values() for name in names}
 TIMEOUT = 120  # seconds per cell when grading: generous, since the first transformers import is slow on a busy machine
-
-
-def functions_of(path: Path, names: list[str]) -> dict:
-    "The exercise functions of a notebook, defined by running its first code cell (imports) and the cells that hold them."
-    ns, cells = {}, [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
-    exec(cells[0].source, ns)
-    for cell in cells:
-        if any(f"def {name}(" in cell.source for name in names): exec(cell.source, ns)
-    return {name: ns[name] for name in names}
 
 
 REFERENCE = {k: v for ch, (_, names) in CHAPTERS.items() for k, v in functions_of(SOLUTIONS[ch], names).items()}
@@ -238,38 +229,22 @@ def test_the_notebooks_have_their_exercises():
 
 @pytest.mark.parametrize("name", EXERCISES)
 def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
-    state = torch.get_rng_state()
-    result = CHECKERS[name](REFERENCE[name], show=False)
-    assert result.passed, result
-    assert torch.equal(torch.get_rng_state(), state), "a check must not change the learner's global random state"
+    assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
 
 
 @pytest.mark.parametrize("name", EXERCISES)
 def test_checker_reports_the_stub_as_not_attempted(name):
-    result = CHECKERS[name](STUBS[name], show=False)
-    assert result.status == ex.NOT_ATTEMPTED and not result.passed, result
-    assert "not attempted" in result.message
+    assert_not_attempted(CHECKERS[name], STUBS[name], name)
 
 
 @pytest.mark.parametrize("name", EXERCISES)
 def test_checker_catches_typical_mistakes(name):
-    assert len(WRONG[name]) >= 2
-    for wrong, field, words in WRONG[name]:
-        result = CHECKERS[name](wrong, show=False)
-        assert result.status == ex.FAILED, (name, words, result)
-        assert words in getattr(result, field), (name, words, str(result))
-        assert "tensor(" not in result.message + result.hint  # says how far off, never prints the expected values
+    assert_catches(CHECKERS[name], name, WRONG[name])
 
 
 @pytest.mark.parametrize("name", EXERCISES)
 def test_checker_survives_crashes_and_wrong_types(name):
-    def crashes(*args, **kwargs): raise ValueError("oops, index 7")
-    result = CHECKERS[name](crashes, show=False)
-    assert result.status == ex.FAILED and "ValueError" in result.message and "oops, index 7" in result.message
-    for returns in ([1.0, 2.0], None, "text", torch.zeros(2, 3, 4), (torch.zeros(2), torch.zeros(2))):
-        result = CHECKERS[name](lambda *a, r=returns, **k: r, show=False)
-        assert result.status == ex.FAILED and result.message, (returns, result)
-    assert CHECKERS[name](42, show=False).status == ex.FAILED  # not a function
+    assert_survives_crashes_and_wrong_types(CHECKERS[name])
 
 
 def test_checkers_refuse_in_place_changes():
@@ -337,26 +312,14 @@ def test_student_notebooks_are_up_to_date():
 
 @pytest.mark.parametrize("chapter", list(CHAPTERS))
 def test_student_notebook_has_stubs_and_no_solutions_or_outputs(chapter):
-    text, solution = STUDENTS[chapter].read_text(encoding="utf-8"), SOLUTIONS[chapter].read_text(encoding="utf-8")
-    assert ex.BEGIN_SOLUTION not in text and ex.END_SOLUTION not in text
-    for line in {"03_objectives": ("inputs[to_random] = random_ids[to_random]", "return alpha * T**2 * kl"),
-                 "04_mnist": ("height, width = [(n + 2 * p[i]", "matrix.index_put_((labels, predictions)")}[chapter]:
-        assert line in solution and line not in text
-    nb = nbformat.read(STUDENTS[chapter], as_version=4)
-    assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code")
-    assert sum("raise NotImplementedError(" in c.source for c in nb.cells if c.cell_type == "code") == len(CHAPTERS[chapter][1])
+    assert_student_notebook(chapter, {"03_objectives": ("inputs[to_random] = random_ids[to_random]", "return alpha * T**2 * kl"),
+                                      "04_mnist": ("height, width = [(n + 2 * p[i]", "matrix.index_put_((labels, predictions)")}[chapter],
+                            len(CHAPTERS[chapter][1]))
 
 
 @pytest.mark.parametrize("chapter", list(CHAPTERS))
 def test_notebooks_are_unchanged_by_nbdev_clean(chapter):
-    "CI runs `nbdev-clean` before checking that generated files are up to date."
-    from fastcore.nbio import nb2str
-    from nbdev.clean import clean_nb
-    for path in (STUDENTS[chapter], SOLUTIONS[chapter]):
-        text = path.read_text(encoding="utf-8")
-        nb = json.loads(text)
-        clean_nb(nb)
-        assert nb2str(nb) == text, path
+    assert_unchanged_by_nbdev_clean(STUDENTS[chapter], SOLUTIONS[chapter])
 
 
 # ---- grading ----
@@ -365,17 +328,9 @@ def test_notebooks_are_unchanged_by_nbdev_clean(chapter):
 def graded(tmp_path_factory):
     "One `grade` run per chapter (its solution and its student notebook), the two chapters side by side: 4 kernels, 2 at a time."
     tmp = tmp_path_factory.mktemp("grade")
-    def grade(chapter):
-        out = tmp/f"{chapter}.json"
-        rc = ex.grade_cli([str(SOLUTIONS[chapter]), str(STUDENTS[chapter])], json_path=str(out), timeout=TIMEOUT)
-        return rc, json.loads(out.read_text(encoding="utf-8"))
     t0 = time.monotonic()
-    # The kernels inherit this: OpenMP threads that wait passively instead of spinning keep small tensor operations
-    # fast when the cores are shared (otherwise each can take milliseconds); scores do not depend on it.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        with concurrent.futures.ThreadPoolExecutor(len(CHAPTERS)) as pool:
-            runs = dict(zip(CHAPTERS, pool.map(grade, CHAPTERS)))
+    with passive_openmp_waits(), concurrent.futures.ThreadPoolExecutor(len(CHAPTERS)) as pool:
+        runs = dict(zip(CHAPTERS, pool.map(lambda ch: grade([SOLUTIONS[ch], STUDENTS[ch]], tmp/f"{ch}.json", TIMEOUT), CHAPTERS)))
     results = {f"{kind} {ch}": r for ch, (_, (sol, stu)) in runs.items() for kind, r in (("solution", sol), ("student", stu))}
     return dict(rc=[rc for rc, _ in runs.values()], results=results, seconds=time.monotonic() - t0)
 
@@ -383,15 +338,9 @@ def graded(tmp_path_factory):
 @pytest.mark.parametrize("chapter", list(CHAPTERS))
 def test_grade_scores_the_solution_one(graded, chapter):
     assert graded["rc"] == [0, 0]
-    result = graded["results"][f"solution {chapter}"]
-    assert result["score"] == 1.0 and result["error"] is None and result["problems"] == [], result
-    assert [e["name"] for e in result["exercises"]] == CHAPTERS[chapter][1]
-    assert all(e["status"] == "passed" for e in result["exercises"])
+    assert_graded(graded["results"][f"solution {chapter}"], CHAPTERS[chapter][1], ex.PASSED)
 
 
 @pytest.mark.parametrize("chapter", list(CHAPTERS))
 def test_grade_scores_the_student_notebook_zero(graded, chapter):
-    result = graded["results"][f"student {chapter}"]
-    assert result["score"] == 0.0 and result["error"] is None and result["problems"] == [], result
-    assert [e["name"] for e in result["exercises"]] == CHAPTERS[chapter][1]
-    assert all(e["status"] == "not attempted" for e in result["exercises"])
+    assert_graded(graded["results"][f"student {chapter}"], CHAPTERS[chapter][1], ex.NOT_ATTEMPTED)

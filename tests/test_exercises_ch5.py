@@ -7,36 +7,24 @@ out here, independently of the mistake models inside the checkers. The oracles a
 against each other (sentence-transformers' pooling, a BertModel run with and without padding,
 BERT's closed-form schedule). One module-scoped `grade` run scores the solution notebook 1.0 and
 the student notebook 0.0."""
-import json
-import math
-import os
 import time
-from pathlib import Path
 
 import nbformat
 import pytest
 import torch
 
+from exercise_helpers import (
+    ROOT, assert_catches, assert_graded, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_student_notebook,
+    assert_survives_crashes_and_wrong_types, assert_unchanged_by_nbdev_clean, functions_of, grade, passive_openmp_waits,
+    solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import bert
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = "05_bert"
 NAMES = ["mask_tokens_8010", "extended_attention_mask", "mean_pooling", "linear_warmup"]
-SOLUTION = ROOT/"exercises"/"solutions"/f"{CHAPTER}.ipynb"
-STUDENT = ROOT/"exercises"/f"{CHAPTER}.ipynb"
+SOLUTION, STUDENT = solution_notebook(CHAPTER), student_notebook(CHAPTER)
 CHECKERS = {name: getattr(bert, f"check_{name}") for name in NAMES}
 TIMEOUT = 120  # seconds per cell when grading: generous, since loading transformers and the encoder is slow on a busy machine
-
-
-def functions_of(path: Path, names: list[str]) -> dict:
-    "The exercise functions of a notebook, defined by running its first code cell (imports) and the cells that hold them."
-    ns, cells = {}, [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
-    exec(cells[0].source, ns)
-    for cell in cells:
-        if any(f"def {name}(" in cell.source for name in names): exec(cell.source, ns)
-    return {name: ns[name] for name in names}
-
 
 REFERENCE, STUBS = functions_of(SOLUTION, NAMES), functions_of(STUDENT, NAMES)
 
@@ -137,27 +125,17 @@ def test_the_notebooks_have_their_exercises():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
-    state = torch.get_rng_state()
-    result = CHECKERS[name](REFERENCE[name], show=False)
-    assert result.passed, result
-    assert torch.equal(torch.get_rng_state(), state), "a check must not change the learner's global random state"
+    assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checker_reports_the_stub_as_not_attempted(name):
-    result = CHECKERS[name](STUBS[name], show=False)
-    assert result.status == ex.NOT_ATTEMPTED and not result.passed, result
-    assert "not attempted" in result.message and f"`{name}`" in result.message
+    assert_not_attempted(CHECKERS[name], STUBS[name], name)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checker_catches_typical_mistakes(name):
-    assert len(WRONG[name]) >= 2
-    for wrong, field, words in WRONG[name]:
-        result = CHECKERS[name](wrong, show=False)
-        assert result.status == ex.FAILED, (name, words, result)
-        assert words in getattr(result, field), (name, words, str(result))
-        assert "tensor(" not in result.message + result.hint  # says how far off, never prints the expected values
+    assert_catches(CHECKERS[name], name, WRONG[name])
 
 
 def test_the_zero_division_names_the_schedule_and_the_step():
@@ -167,13 +145,7 @@ def test_the_zero_division_names_the_schedule_and_the_step():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checker_survives_crashes_and_wrong_types(name):
-    def crashes(*args, **kwargs): raise ValueError("oops, index 7")
-    result = CHECKERS[name](crashes, show=False)
-    assert result.status == ex.FAILED and "ValueError" in result.message and "oops, index 7" in result.message
-    for returns in ([1.0, 2.0], None, "text", torch.zeros(2, 3, 4), (torch.zeros(2), torch.zeros(2))):
-        result = CHECKERS[name](lambda *a, r=returns, **k: r, show=False)
-        assert result.status == ex.FAILED and result.message, (returns, result)
-    assert CHECKERS[name](42, show=False).status == ex.FAILED  # not a function
+    assert_survives_crashes_and_wrong_types(CHECKERS[name])
 
 
 def test_a_learner_that_uses_the_global_random_state_keeps_it():
@@ -250,25 +222,13 @@ def test_student_notebook_is_up_to_date():
 
 
 def test_student_notebook_has_stubs_and_no_solutions_or_outputs():
-    text, solution = STUDENT.read_text(encoding="utf-8"), SOLUTION.read_text(encoding="utf-8")
-    assert ex.BEGIN_SOLUTION not in text and ex.END_SOLUTION not in text
-    for line in ("inputs = torch.where(selected & (fate < 0.8)", "return (1.0 - mask) * torch.finfo(dtype).min",
-                 "return (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1)", "max(1, total_steps - warmup_steps)"):
-        assert line in solution and line not in text
-    nb = nbformat.read(STUDENT, as_version=4)
-    assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code")
-    assert sum("raise NotImplementedError(" in c.source for c in nb.cells if c.cell_type == "code") == len(NAMES)
+    assert_student_notebook(CHAPTER, ("inputs = torch.where(selected & (fate < 0.8)", "return (1.0 - mask) * torch.finfo(dtype).min",
+                                      "return (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1)",
+                                      "max(1, total_steps - warmup_steps)"), len(NAMES))
 
 
 def test_notebooks_are_unchanged_by_nbdev_clean():
-    "CI runs `nbdev-clean` before checking that generated files are up to date."
-    from fastcore.nbio import nb2str
-    from nbdev.clean import clean_nb
-    for path in (STUDENT, SOLUTION, ROOT/"nbs"/"94_checks_bert.ipynb"):
-        text = path.read_text(encoding="utf-8")
-        nb = json.loads(text)
-        clean_nb(nb)
-        assert nb2str(nb) == text, path
+    assert_unchanged_by_nbdev_clean(STUDENT, SOLUTION, ROOT/"nbs"/"94_checks_bert.ipynb")
 
 
 # ---- grading ----
@@ -276,25 +236,16 @@ def test_notebooks_are_unchanged_by_nbdev_clean():
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     "One `grade` run over the solution and the student notebook of chapter 5: two kernels, one after the other."
-    out = tmp_path_factory.mktemp("grade")/"05.json"
     t0 = time.monotonic()
-    with pytest.MonkeyPatch.context() as mp:  # passive OpenMP waits in the kernels: see tests/test_exercises_ch3_ch4.py
-        mp.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        rc = ex.grade_cli([str(SOLUTION), str(STUDENT)], json_path=str(out), timeout=TIMEOUT)
-    solution, student = json.loads(out.read_text(encoding="utf-8"))
+    with passive_openmp_waits():
+        rc, (solution, student) = grade([SOLUTION, STUDENT], tmp_path_factory.mktemp("grade")/"05.json", TIMEOUT)
     return dict(rc=rc, solution=solution, student=student, seconds=time.monotonic() - t0)
 
 
 def test_grade_scores_the_solution_one(graded):
     assert graded["rc"] == 0
-    result = graded["solution"]
-    assert result["score"] == 1.0 and result["error"] is None and result["problems"] == [], result
-    assert [e["name"] for e in result["exercises"]] == NAMES
-    assert all(e["status"] == "passed" for e in result["exercises"])
+    assert_graded(graded["solution"], NAMES, ex.PASSED)
 
 
 def test_grade_scores_the_student_notebook_zero(graded):
-    result = graded["student"]
-    assert result["score"] == 0.0 and result["error"] is None and result["problems"] == [], result
-    assert [e["name"] for e in result["exercises"]] == NAMES
-    assert all(e["status"] == "not attempted" for e in result["exercises"])
+    assert_graded(graded["student"], NAMES, ex.NOT_ATTEMPTED)
