@@ -87,8 +87,8 @@ def evaluate_reviews(model, loader) -> dict[str, float]:
 
 def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr: float = 5e-5, epochs: int = 3,
                         batch_size: int = 32, warmup: float = 0.1, weight_decay: float = 0.01, max_length: int = 64,
-                        seed: int = 0, device=None, output_dir=None, desc: str = "fine-tune") -> tuple[History, dict]:
-    "Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns (history, results). Defined in chapter 6."
+                        seed: int = 0, device=None, output_dir=None, desc: str = "fine-tune", loss_fn=None) -> tuple[History, dict]:
+    "Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns (history, results). `loss_fn(model, batch)` replaces the model's own cross-entropy (chapter 7 distils with it). Defined in chapter 6."
     from transformers import get_linear_schedule_with_warmup
     missing = {"train", "validation", "test"} - set(splits)
     if missing: raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing {sorted(missing)}.")
@@ -103,7 +103,7 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(warmup*steps)), steps)
     tokens = sum(len(e["input_ids"]) for e in encoded["train"])*epochs
     start = time.perf_counter()
-    history = train(model, optimizer, train_loader, lambda m, b: m(**b).loss, epochs=epochs, scheduler=scheduler, grad_clip=1.0,
+    history = train(model, optimizer, train_loader, loss_fn or (lambda m, b: m(**b).loss), epochs=epochs, scheduler=scheduler, grad_clip=1.0,
                     eval_loader=valid_loader, eval_fn=evaluate_reviews, eval_every=len(train_loader), device=device, desc=desc)
     seconds = time.perf_counter() - start
     test = evaluate_reviews(model, review_loader(encoded["test"], tokenizer, 128, shuffle=False))
