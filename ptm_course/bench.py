@@ -285,15 +285,22 @@ def format_bench_bert(res: dict) -> str:
 
 # %% ../nbs/98_bench.ipynb #e6f9b468
 def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) -> int:
-    "Run benchmark `name` ('mnist', 'bert' or 'compress'), print its table and, last, one JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."
+    "Run benchmark `name` ('mnist', 'bert', 'compress' or 'deploy'), print its table and, last, one JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."
     def compress(runs):  # chapter 7's benchmark lives with its chapter; imported only when asked for (it loads ONNX Runtime)
         from ptm_course.compress import bench_compress
         return bench_compress(runs=runs)
     def show_compress(res):
         from ptm_course.compress import format_compress
         return format_compress(res)
+    def deploy(runs):  # chapter 8's benchmark: it starts a server
+        from ptm_course.deploy import bench_deploy
+        return bench_deploy(runs=runs)
+    def show_deploy(res):
+        from ptm_course.deploy import format_deploy
+        return format_deploy(res)
     known = {"mnist": (bench_mnist, format_bench, ("recipes", "clock")), "bert": (lambda runs: bench_bert(runs=runs), format_bench_bert, ("finetuning",)),
-             "compress": (compress, show_compress, ("rows", "cnn_pruning_schedule"))}
+             "compress": (compress, show_compress, ("rows", "cnn_pruning_schedule")),
+             "deploy": (deploy, show_deploy, ("latency_rows", "serve_statuses"))}
     if name not in known:
         print(f"Unknown benchmark {name!r}; available: {', '.join(sorted(known))}.", file=sys.stderr)
         return 2

@@ -110,9 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exercises", help="write the student notebooks from exercises/solutions/")
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student notebook is stale")
     b = sub.add_parser("bench", help="run a benchmark and write its measured figures as JSON (hardware named)")
-    b.add_argument("name", choices=["mnist", "bert", "compress"], help="which benchmark")
+    b.add_argument("name", choices=["mnist", "bert", "compress", "deploy"], help="which benchmark")
     b.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default: chosen by the benchmark)")
     b.add_argument("--runs", type=int, metavar="N", help="repetitions per measurement (default: chosen by the benchmark)")
+    s = sub.add_parser("serve", help="serve digit classification and review sentiment over HTTP, with a page to try them")
+    s.add_argument("--models", metavar="DIR", help="a model folder (from the tour or `build_bundle`; default: the course's, built when missing)")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+    s.add_argument("--precision", choices=["int8", "fp32"], default="int8", help="which of the folder's files to serve (default: int8)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
+    t = sub.add_parser("tour", help="the course end to end on MNIST: pretrain, fine-tune, compress, export, benchmark, report")
+    t.add_argument("--out", metavar="DIR", help="where to write the report and models (default: ./ptm-course-tour)")
+    t.add_argument("--fast", action="store_true", help="a tiny run in seconds (a smoke test, not results)")
     sub.add_parser("pretrain-bert", add_help=False,
                    help="pretrain a small BERT with masked-LM on Austen (see `ptm-course pretrain-bert --help`)")
     return p
@@ -132,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "exercises":
         from ptm_course.exercises import generate_cli
         return generate_cli(check=args.check)
+    if args.command == "serve":
+        from ptm_course.deploy import serve
+        try: serve(args.models, host=args.host, port=args.port, log_level=args.log_level, precision=args.precision)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"ptm-course serve: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "tour":
+        from ptm_course.tour import tour
+        tour(args.out, fast=args.fast)
+        return 0
     if args.command == "bench":
         from ptm_course.bench import bench_cli
         return bench_cli(args.name, json_path=args.json_path, runs=args.runs)

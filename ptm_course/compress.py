@@ -225,13 +225,15 @@ def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0*(logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
 
 # %% ../nbs/07_compression.ipynb #1aca7dc7
-def latency_ms(fn, runs: int = 100, warmup: int = 10) -> dict[str, float]:
-    "Call `fn()` `warmup` times untimed, then `runs` times timed: median, p90 and p99 wall-clock milliseconds."
+def latency_ms(fn, runs: int = 100, warmup: int = 10, sync=None) -> dict[str, float]:
+    "Call `fn()` `warmup` times untimed, then `runs` times timed: median, p90 and p99 wall-clock milliseconds. `sync()` (e.g. `torch.cuda.synchronize`) runs inside the timer after each call, so asynchronous GPU work is counted."
     if runs < 1: raise ValueError(f"runs must be at least 1, got {runs}.")
+    sync = sync or (lambda: None)
     for _ in range(warmup): fn()
+    sync()
     times = []
     for _ in range(runs):
-        start = time.perf_counter(); fn(); times.append(1e3*(time.perf_counter() - start))
+        start = time.perf_counter(); fn(); sync(); times.append(1e3*(time.perf_counter() - start))
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     return dict(p50=float(p50), p90=float(p90), p99=float(p99), runs=runs)
 

@@ -13,4 +13,4 @@ def test_readme_is_rendered_from_index():
 
 def test_readme_quick_start_has_the_two_commands():
     text = (ROOT/"README.md").read_text()
-    assert 'pip install -e ".[dev]"' in text and "\npytest\n" in text
+    assert 'pip install -e ".[dev]" && ptm-course tour' in text and "\npytest\n" in text
