@@ -208,3 +208,39 @@ def test_bench_compress_fast_mode_prints_json_last(monkeypatch, tmp_path, capsys
         assert 0 <= r["accuracy"] <= 100 and r["output_loss"] >= 0
     assert last["cnn_int8_size_ratio"] > 3.5 and last["minilm_int8_speedup_b1"] > 0
     assert any("| MiniLM | int8, ONNX Runtime (dynamic) |" in l for l in lines)
+
+
+class _Bag(nn.Module):  # an embedding table big enough to count as one, then a linear layer
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(2000, 16), nn.Linear(16, 3)
+    def forward(self, ids): return self.out(self.emb(ids).mean(1))
+
+
+def test_per_row_int8_embeddings_give_each_row_its_own_scale(tmp_path):
+    torch.manual_seed(0)
+    model = _Bag().eval()
+    with torch.no_grad(): model.emb.weight.mul_(torch.logspace(-2, 1, 2000)[:, None])  # rows of very different ranges
+    ids = torch.randint(0, 2000, (4, 7))
+    fp32 = C.export_onnx(model, {"ids": ids}, tmp_path/"bag.onnx", {"ids": {0: "batch", 1: "sequence"}})
+    rows = C.quantize_embeddings_per_row(fp32, tmp_path/"rows.onnx")
+    w = model.emb.weight.detach()
+    scale = w.abs().amax(1, keepdim=True)/127
+    by_hand = (w/scale).round().clamp(-127, 127)*scale  # symmetric int8, one scale per row
+    with torch.no_grad(): want = model.out(by_hand[ids].mean(1))
+    got = C.ort_session(rows).run(None, {"ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert C.file_size_mb(rows) < 0.4*C.file_size_mb(fp32)
+    # one scale for the whole table (ONNX Runtime's Gather quantizer) loses the small rows
+    tensor = C.quantize_onnx_dynamic(fp32, tmp_path/"tensor.onnx", embeddings="per_tensor")
+    row = C.quantize_onnx_dynamic(fp32, tmp_path/"row.onnx")
+    with torch.no_grad(): exact = model(ids).numpy()
+    err = {name: np.abs(C.ort_session(p).run(None, {"ids": ids.numpy()})[0] - exact).max() for name, p in (("tensor", tensor), ("row", row))}
+    assert err["row"] < err["tensor"]/3, err
+    assert not (tmp_path/"row_rows.onnx").exists()  # the intermediate file is removed
+
+
+def test_quantize_onnx_dynamic_names_its_choices(tmp_path):
+    with pytest.raises(ValueError, match="per_row"): C.quantize_onnx_dynamic(tmp_path/"a.onnx", tmp_path/"b.onnx", embeddings=True)
+    cnn_path = C.export_onnx(nn.Linear(4, 2), {"input": torch.zeros(2, 4)}, tmp_path/"lin.onnx", {"input": {0: "batch"}})
+    with pytest.raises(ValueError, match="no float32 embedding table"): C.quantize_embeddings_per_row(cnn_path, tmp_path/"x.onnx")

@@ -127,7 +127,7 @@ def test_verify_onnx_accepts_the_export_and_catches_a_wrong_model(tmp_path):
     x = torch.randn(5, 6)
     assert D.verify_onnx(model.train(), path, {"x": x}) < 1e-5  # verify_onnx compares in eval mode (dropout off)
     other = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
-    with pytest.raises(AssertionError, match="differs from PyTorch"): D.verify_onnx(other, path, {"x": x})
+    with pytest.raises(ValueError, match="differs from PyTorch"): D.verify_onnx(other, path, {"x": x})
 
 
 def test_latency_ms_counts_the_synchronization_inside_the_timer():
@@ -345,3 +345,10 @@ def test_bench_deploy_fast_mode_prints_json_last(bundle, tmp_path, capsys):
     assert last["onnx_max_abs_diff"] < 1e-4 and last["serve_errors"] == 0 and last["serve_requests"] == last["serve_planned"]
     assert all(last[k] > 0 for k in ("minilm_eager_p50_ms", "minilm_ort_int8_p50_ms", "cnn_eager_p50_ms", "cnn_ort_p50_ms", "serve_rps"))
     assert json.loads(out_file.read_text())["hardware"]["cpu_cores"] >= 1
+
+
+def test_the_library_passes_its_own_exercise_checkers():
+    "The server's validator and the course's latency timer follow the contracts chapter 8's exercises teach."
+    from ptm_course.checks import deploy as checks
+    for result in (checks.check_validate_review_request(D.validate_review_request), checks.check_measure_latency(D.latency_ms)):
+        assert result.passed, result
