@@ -116,3 +116,40 @@ def assert_graded(result: dict, names: list[str], status: str) -> None:
     assert result["score"] == (1.0 if status == ex.PASSED else 0.0) and result["error"] is None and result["problems"] == [], result
     assert [e["name"] for e in result["exercises"]] == names
     assert all(e["status"] == status for e in result["exercises"]), result
+
+
+# ---- the tests every one-chapter exercise module runs on its notebooks ----
+
+def notebook_tests(chapter: str, names: list[str], solution_lines: tuple[str, ...], checks_notebook: str, timeout: float) -> dict:
+    """The student notebook is up to date, has stubs and none of `solution_lines`, both notebooks (and the checkers'
+    notebook `checks_notebook` in nbs/) are nbdev-clean, and one `grade` run scores the solution 1 and the student 0.
+    A test module takes these with `globals().update(notebook_tests(...))`."""
+    solution, student = solution_notebook(chapter), student_notebook(chapter)
+
+    def test_student_notebook_is_up_to_date():
+        wanted = ex.student_notebooks(ROOT)[student.resolve()]
+        assert student.exists() and student.read_text(encoding="utf-8") == wanted, f"stale {student}: run `ptm-course exercises` and commit it"
+
+    def test_student_notebook_has_stubs_and_no_solutions_or_outputs():
+        assert_student_notebook(chapter, solution_lines, len(names))
+
+    def test_notebooks_are_unchanged_by_nbdev_clean():
+        assert_unchanged_by_nbdev_clean(student, solution, ROOT/"nbs"/f"{checks_notebook}.ipynb")
+
+    @pytest.fixture(scope="module")
+    def graded(tmp_path_factory):
+        "One `grade` run over the solution and the student notebook: two kernels, one after the other."
+        with passive_openmp_waits():
+            rc, (solved, stub) = grade([solution, student], tmp_path_factory.mktemp("grade")/f"{chapter}.json", timeout)
+        return dict(rc=rc, solution=solved, student=stub)
+
+    def test_grade_scores_the_solution_one(graded):
+        assert graded["rc"] == 0
+        assert_graded(graded["solution"], names, ex.PASSED)
+
+    def test_grade_scores_the_student_notebook_zero(graded):
+        assert_graded(graded["student"], names, ex.NOT_ATTEMPTED)
+
+    return {"graded": graded, **{f.__name__: f for f in (
+        test_student_notebook_is_up_to_date, test_student_notebook_has_stubs_and_no_solutions_or_outputs,
+        test_notebooks_are_unchanged_by_nbdev_clean, test_grade_scores_the_solution_one, test_grade_scores_the_student_notebook_zero)}}

@@ -140,6 +140,14 @@ def test_latency_ms_counts_the_synchronization_inside_the_timer():
     assert D.device_sync("cpu") is None
 
 
+@pytest.mark.cuda
+def test_latency_on_a_gpu_counts_the_queued_work_only_with_sync():
+    x = torch.randn(8192, 8192, device="cuda")
+    queued = D.latency_ms(lambda: x @ x, runs=20, warmup=3)["p50"]  # returns as soon as the product is queued
+    done = D.latency_ms(lambda: x @ x, runs=20, warmup=3, sync=D.device_sync("cuda"))["p50"]
+    assert done > 5*queued, (queued, done)
+
+
 def test_read_manifest_names_missing_and_changed_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model folder"): D.read_manifest(tmp_path)
     (tmp_path/"digits_fp32.onnx").write_bytes(b"onnx")

@@ -7,16 +7,14 @@ out here, independently of the mistake models inside the checkers. The oracles a
 against each other (sentence-transformers' pooling, a BertModel run with and without padding,
 BERT's closed-form schedule). One module-scoped `grade` run scores the solution notebook 1.0 and
 the student notebook 0.0."""
-import time
 
 import nbformat
 import pytest
 import torch
 
 from exercise_helpers import (
-    ROOT, assert_catches, assert_graded, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_student_notebook,
-    assert_survives_crashes_and_wrong_types, assert_unchanged_by_nbdev_clean, functions_of, grade, passive_openmp_waits,
-    solution_notebook, student_notebook)
+    assert_catches, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_survives_crashes_and_wrong_types,
+    functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import bert
 
@@ -214,38 +212,8 @@ def test_bert_masking_oracle_follows_the_80_10_10_rule_on_the_ch5_batches():
         assert bert._z(c["mask"], c["n_selected"], 0.8) < 5 and bert._z(c["random"], c["n_selected"], 0.1) < 5
 
 
-# ---- the student notebook ----
+# ---- the notebooks, and one grading run ----
 
-def test_student_notebook_is_up_to_date():
-    wanted = ex.student_notebooks(ROOT)[STUDENT.resolve()]
-    assert STUDENT.exists() and STUDENT.read_text(encoding="utf-8") == wanted, f"stale {STUDENT}: run `ptm-course exercises` and commit it"
-
-
-def test_student_notebook_has_stubs_and_no_solutions_or_outputs():
-    assert_student_notebook(CHAPTER, ("inputs = torch.where(selected & (fate < 0.8)", "return (1.0 - mask) * torch.finfo(dtype).min",
+globals().update(notebook_tests(CHAPTER, NAMES, ("inputs = torch.where(selected & (fate < 0.8)", "return (1.0 - mask) * torch.finfo(dtype).min",
                                       "return (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1)",
-                                      "max(1, total_steps - warmup_steps)"), len(NAMES))
-
-
-def test_notebooks_are_unchanged_by_nbdev_clean():
-    assert_unchanged_by_nbdev_clean(STUDENT, SOLUTION, ROOT/"nbs"/"94_checks_bert.ipynb")
-
-
-# ---- grading ----
-
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    "One `grade` run over the solution and the student notebook of chapter 5: two kernels, one after the other."
-    t0 = time.monotonic()
-    with passive_openmp_waits():
-        rc, (solution, student) = grade([SOLUTION, STUDENT], tmp_path_factory.mktemp("grade")/"05.json", TIMEOUT)
-    return dict(rc=rc, solution=solution, student=student, seconds=time.monotonic() - t0)
-
-
-def test_grade_scores_the_solution_one(graded):
-    assert graded["rc"] == 0
-    assert_graded(graded["solution"], NAMES, ex.PASSED)
-
-
-def test_grade_scores_the_student_notebook_zero(graded):
-    assert_graded(graded["student"], NAMES, ex.NOT_ATTEMPTED)
+                                      "max(1, total_steps - warmup_steps)"), "94_checks_bert", TIMEOUT))

@@ -7,7 +7,6 @@ out here, independently of the mistake models inside the checkers. The oracles a
 against each other (MinMaxObserver and the scale formula, PyTorch's two quantizers, prune's mask
 and a sort, F.kl_div and the KL sum). One module-scoped `grade` run scores the solution notebook
 1.0 and the student notebook 0.0."""
-import time
 import warnings
 
 import nbformat
@@ -17,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exercise_helpers import (
-    ROOT, assert_catches, assert_graded, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_student_notebook,
-    assert_survives_crashes_and_wrong_types, assert_unchanged_by_nbdev_clean, functions_of, grade, passive_openmp_waits,
-    solution_notebook, student_notebook)
+    assert_catches, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_survives_crashes_and_wrong_types,
+    functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import compress
 
@@ -271,38 +269,8 @@ def test_the_solutions_do_not_call_the_oracles():
         assert not any(oracle in s for s in solutions), oracle
 
 
-# ---- the student notebook ----
+# ---- the notebooks, and one grading run ----
 
-def test_student_notebook_is_up_to_date():
-    wanted = ex.student_notebooks(ROOT)[STUDENT.resolve()]
-    assert STUDENT.exists() and STUDENT.read_text(encoding="utf-8") == wanted, f"stale {STUDENT}: run `ptm-course exercises` and commit it"
-
-
-def test_student_notebook_has_stubs_and_no_solutions_or_outputs():
-    assert_student_notebook(CHAPTER, ("zero_point = min(max(round(-lo / scale), 0), qmax)", "return (q.float() - zero_point) * scale",
+globals().update(notebook_tests(CHAPTER, NAMES, ("zero_point = min(max(round(-lo / scale), 0), qmax)", "return (q.float() - zero_point) * scale",
                                       "smallest = weight.detach().abs().flatten().argsort()[:k]",
-                                      "log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=-1)"), len(NAMES))
-
-
-def test_notebooks_are_unchanged_by_nbdev_clean():
-    assert_unchanged_by_nbdev_clean(STUDENT, SOLUTION, ROOT/"nbs"/"95_checks_compress.ipynb")
-
-
-# ---- grading ----
-
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    "One `grade` run over the solution and the student notebook of chapter 7: two kernels, one after the other."
-    t0 = time.monotonic()
-    with passive_openmp_waits():
-        rc, (solution, student) = grade([SOLUTION, STUDENT], tmp_path_factory.mktemp("grade")/"07.json", TIMEOUT)
-    return dict(rc=rc, solution=solution, student=student, seconds=time.monotonic() - t0)
-
-
-def test_grade_scores_the_solution_one(graded):
-    assert graded["rc"] == 0
-    assert_graded(graded["solution"], NAMES, ex.PASSED)
-
-
-def test_grade_scores_the_student_notebook_zero(graded):
-    assert_graded(graded["student"], NAMES, ex.NOT_ATTEMPTED)
+                                      "log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=-1)"), "95_checks_compress", TIMEOUT))
