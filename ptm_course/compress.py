@@ -30,10 +30,11 @@ __all__ = ['EMBEDDINGS', 'MNIST_KD', 'quant_range', 'qparams', 'quantize', 'dequ
            'mnist_teacher', 'quantize_weights', 'export_onnx', 'onnx_files', 'file_size_mb', 'ort_session',
            'quantize_embeddings_per_row', 'quantize_onnx_dynamic', 'quantize_onnx_static', 'cnn_logits_onnx',
            'export_cnn', 'logits_of', 'output_loss', 'accuracy_of', 'latency_ms', 'torch_latency', 'ort_latency',
-           'minilm_reviews_dir', 'review_batches', 'text_logits_torch', 'text_logits_onnx', 'export_text_classifier',
-           'prunable', 'sparsity', 'prune_by_magnitude', 'remove_pruning', 'iterative_pruning', 'cached_pruned_cnn',
-           'state_size_mb', 'SlimCNN', 'prune_channels', 'cached_slim_cnn', 'mlp_student', 'distill_mnist',
-           'gap_recovered', 'mnist_students', 'distillation_step', 'text_students', 'format_compress', 'bench_compress']
+           'minilm_reviews_dir', 'review_batches', 'text_logits_torch', 'text_logits_onnx', 'export_text_onnx',
+           'export_text_classifier', 'prunable', 'sparsity', 'prune_by_magnitude', 'remove_pruning',
+           'iterative_pruning', 'cached_pruned_cnn', 'state_size_mb', 'SlimCNN', 'prune_channels', 'cached_slim_cnn',
+           'mlp_student', 'distill_mnist', 'gap_recovered', 'mnist_students', 'distillation_step', 'text_students',
+           'format_compress', 'bench_compress']
 
 # %% ../nbs/07_compression.ipynb #67ebf442
 def quant_range(bits: int = 8, symmetric: bool = False) -> tuple[int, int]:
@@ -258,7 +259,8 @@ def output_loss(original_logits: torch.Tensor, compressed_logits: torch.Tensor) 
     if original_logits.shape != compressed_logits.shape:
         raise ValueError(f"Logits of different shapes: {tuple(original_logits.shape)} vs {tuple(compressed_logits.shape)}; "
                          "score the same examples with both models.")
-    return distillation_loss(compressed_logits.float(), original_logits.float(), temperature=1.0).item()
+    kl = distillation_loss(compressed_logits.float(), original_logits.float(), temperature=1.0).item()
+    return max(kl, 0.0)  # a KL divergence is never negative; float rounding gives about -1e-10 for identical outputs
 
 def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
     "Percent of rows whose largest logit is the label."
@@ -321,13 +323,16 @@ def text_logits_onnx(session, batches: list[dict[str, np.ndarray]]) -> torch.Ten
     "Logits of an exported sequence classifier over `review_batches`."
     return torch.cat([torch.from_numpy(session.run(None, b)[0]) for b in batches])
 
+def export_text_onnx(model, tokenizer, path) -> Path:
+    "A sequence classifier exported to ONNX (`input_ids`, `attention_mask` → `logits`) with dynamic batch and sequence axes."
+    example = tokenizer(["an example review", "a second, longer example review for the export"], padding=True, return_tensors="pt")
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    return export_onnx(model, {k: example[k] for k in ("input_ids", "attention_mask")}, path, axes)
+
 def export_text_classifier(model, tokenizer, folder) -> dict[str, Path]:
     "A sequence classifier as ONNX in fp32 and in dynamic int8, embeddings per row, per tensor or in float: {'fp32', 'int8', 'int8, embeddings per tensor', 'int8, embeddings fp32': path}."
     folder = Path(folder)
-    example = tokenizer(["an example review", "a second, longer example review for the export"], padding=True, return_tensors="pt")
-    inputs = {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]}
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    fp32 = export_onnx(model, inputs, folder/"minilm_fp32.onnx", axes)
+    fp32 = export_text_onnx(model, tokenizer, folder/"minilm_fp32.onnx")
     return {"fp32": fp32, "int8": quantize_onnx_dynamic(fp32, folder/"minilm_int8.onnx"),
             "int8, embeddings per tensor": quantize_onnx_dynamic(fp32, folder/"minilm_int8_tensor.onnx", embeddings="per_tensor"),
             "int8, embeddings fp32": quantize_onnx_dynamic(fp32, folder/"minilm_int8_matmul.onnx", embeddings="fp32")}

@@ -27,19 +27,20 @@ import torch.nn.functional as F
 from starlette.requests import Request  # at module level: FastAPI resolves the endpoints' annotations here
 from torch import nn
 
-from .compress import (accuracy_of, cnn_logits_onnx, export_cnn, export_onnx, file_size_mb, latency_ms, logits_of,
+from .compress import (accuracy_of, cnn_logits_onnx, export_cnn, export_text_onnx, file_size_mb, latency_ms,
                                  minilm_reviews_dir, mnist_teacher, ort_session, quantize_onnx_dynamic, review_batches,
-                                 text_logits_onnx, text_logits_torch)
+                                 text_logits_onnx)
 from .core import cache_dir, fast_or_full, get_device, is_fast
 from .data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 # %% auto #0
 __all__ = ['MANIFEST', 'DIGIT_LABELS', 'MAX_BODY_BYTES', 'MAX_REVIEW_BYTES', 'MAX_REVIEW_CHARS', 'MAX_IMAGE_PIXELS', 'PAGE',
-           'default_bundle_dir', 'write_manifest', 'read_manifest', 'export_text_onnx', 'build_bundle', 'verify_onnx',
-           'device_sync', 'cnn_runners', 'text_runners', 'measure_runners', 'plot_latency', 'format_latency',
-           'RequestError', 'media_type', 'parse_json_object', 'parse_review_request', 'validate_review_request',
-           'decode_image', 'prepare_digit', 'normalize_digits', 'parse_digit_request', 'ServedModels', 'create_app',
-           'serve', 'free_port', 'server_process', 'load_test', 'serving_requests', 'bench_deploy', 'format_deploy']
+           'default_bundle_dir', 'write_manifest', 'read_manifest', 'course_models', 'export_digit_models',
+           'build_bundle', 'ensure_bundle', 'verify_onnx', 'device_sync', 'cnn_runners', 'text_runners',
+           'measure_runners', 'plot_latency', 'format_latency', 'RequestError', 'media_type', 'parse_json_object',
+           'parse_review_request', 'validate_review_request', 'decode_image', 'prepare_digit', 'normalize_digits',
+           'parse_digit_request', 'ServedModels', 'create_app', 'serve', 'free_port', 'server_process', 'load_test',
+           'serving_requests', 'bench_deploy', 'format_deploy']
 
 # %% ../nbs/08_deployment.ipynb #d6c5e291
 MANIFEST = "manifest.json"
@@ -84,33 +85,39 @@ def read_manifest(folder) -> dict:
     return manifest
 
 # %% ../nbs/08_deployment.ipynb #d58c939a
-def export_text_onnx(model, tokenizer, path) -> Path:
-    "A sequence classifier exported to ONNX (`input_ids`, `attention_mask` → `logits`) with dynamic batch and sequence axes."
-    example = tokenizer(["an example review", "a second, longer example review for the export"], padding=True, return_tensors="pt")
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    return export_onnx(model, {k: example[k] for k in ("input_ids", "attention_mask")}, path, axes)
+def course_models(reviews: bool = True, device=None) -> dict:
+    "What this chapter deploys, from the course cache (trained when missing): MNIST tensors, chapter 7's CNN and, if `reviews`, chapter 6's fine-tuned MiniLM and tokenizer."
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    device = get_device(device)
+    xtr, ytr = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
+    xte, yte = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
+    cnn = mnist_teacher(xtr, ytr, xte, yte, device=device).cpu().to(memory_format=torch.contiguous_format).eval()
+    out = dict(x_train=xtr, x_test=xte, y_test=yte, cnn=cnn)
+    if reviews:
+        source = minilm_reviews_dir(device)
+        out.update(tokenizer=AutoTokenizer.from_pretrained(source, local_files_only=True),
+                   minilm=AutoModelForSequenceClassification.from_pretrained(source, local_files_only=True).eval())
+    return out
+
+def export_digit_models(model: nn.Module, folder, calibration_images, x_test, y_test) -> dict[str, dict]:
+    "An MNIST classifier written to `folder` as `digits_fp32.onnx` and `digits_int8.onnx` (chapter 7's `export_cnn`), with their manifest entries (test accuracy measured in ONNX Runtime)."
+    specs = {}
+    for kind, path in export_cnn(model.cpu(), folder, calibration_images.cpu()).items():
+        path = path.replace(Path(folder)/f"digits_{kind}.onnx")
+        acc = accuracy_of(cnn_logits_onnx(ort_session(path), x_test.cpu()), y_test.cpu())
+        specs[f"digits_{kind}"] = dict(file=path.name, task="digits", precision=kind, labels=DIGIT_LABELS, input="images",
+                                       test_accuracy=round(acc, 2), test_examples=len(y_test))
+    return specs
 
 def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
     "Write the served models to `folder` (default: `default_bundle_dir()`): the CNN (fp32 and int8) and, if `reviews`, fine-tuned MiniLM (fp32 and int8) with its tokenizer; returns the folder."
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from ptm_course.data import review_splits
-    device = get_device(device)
     folder = Path(folder) if folder is not None else default_bundle_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    xtr, ytr = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
-    xte, yte = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
-    cnn = mnist_teacher(xtr, ytr, xte, yte, device=device)
-    paths = export_cnn(cnn.cpu(), folder, xtr[:256].cpu())
-    models = {}
-    for kind, path in paths.items():
-        path = path.rename(folder/f"digits_{kind}.onnx")
-        acc = accuracy_of(cnn_logits_onnx(ort_session(path), xte.cpu()), yte.cpu())
-        models[f"digits_{kind}"] = dict(file=path.name, task="digits", precision=kind, labels=DIGIT_LABELS, input="images",
-                                        test_accuracy=round(acc, 2), test_examples=len(yte))
+    m = course_models(reviews, device)
+    models = export_digit_models(m["cnn"], folder, m["x_train"][:256], m["x_test"], m["y_test"])
     if reviews:
-        source = minilm_reviews_dir(device)
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        minilm = AutoModelForSequenceClassification.from_pretrained(source, local_files_only=True).eval()
+        tok, minilm = m["tokenizer"], m["minilm"]
         tok.save_pretrained(folder/"tokenizer")
         fp32 = export_text_onnx(minilm, tok, folder/"reviews_fp32.onnx")
         int8 = quantize_onnx_dynamic(fp32, folder/"reviews_int8.onnx")
@@ -122,6 +129,14 @@ def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
             models[f"reviews_{kind}"] = dict(file=path.name, task="reviews", precision=kind, labels=labels, tokenizer="tokenizer",
                                              max_length=128, test_accuracy=round(acc, 2), test_examples=len(test))
     write_manifest(folder, **models)
+    return folder
+
+def ensure_bundle(folder=None, device=None) -> Path:
+    "`folder` (default: `default_bundle_dir()`), built by `build_bundle` first when it has no manifest."
+    folder = Path(folder) if folder is not None else default_bundle_dir()
+    if not (folder/MANIFEST).exists():
+        print(f"building the model folder {folder} (first run: trains what the course cache lacks, minutes on a CPU)", flush=True)
+        build_bundle(folder, device=device)
     return folder
 
 # %% ../nbs/08_deployment.ipynb #378dee49
@@ -214,7 +229,7 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
 
-MAX_BODY_BYTES = 2_000_000  # a 280×280 canvas as PNG is about 10 kB; a phone photo of a digit fits too
+MAX_BODY_BYTES = 2_000_000  # far above a canvas drawing as PNG; a phone photo of a digit fits too
 MAX_REVIEW_BYTES, MAX_REVIEW_CHARS = 65_536, 2_000
 MAX_IMAGE_PIXELS = 4096*4096
 
@@ -496,11 +511,7 @@ document.getElementById("review-submit").onclick = () => post("/v1/reviews", { t
 def serve(folder=None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", precision: str = "int8") -> None:
     "Serve the models of `folder` (built first if it is the default folder and missing) with uvicorn until interrupted."
     import uvicorn
-    if folder is None:
-        folder = default_bundle_dir()
-        if not (folder/MANIFEST).exists():
-            print(f"building the model folder {folder} (first run: trains what the course cache lacks, minutes on a CPU)", flush=True)
-            build_bundle(folder)
+    if folder is None: folder = ensure_bundle()
     app = create_app(folder, precision)
     print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -583,21 +594,15 @@ def serving_requests(n: int = 64) -> list[tuple[str, dict]]:
 # %% ../nbs/08_deployment.ipynb #75695e13
 def bench_deploy(runs: int | None = None, device=None) -> dict:
     "Export check, batch-1 latency (eager, ONNX Runtime fp32/int8) of the CNN and MiniLM, and a load test of the server: the `ptm-course bench deploy` figures."
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from ptm_course.bench import hardware_info
     from ptm_course.data import review_splits
     device = get_device(device)
     runs = runs or fast_or_full(20, 200)
     start = time.perf_counter()
-    folder = default_bundle_dir()
-    if not (folder/MANIFEST).exists(): build_bundle(folder, device=device)
+    folder = ensure_bundle(device=device)
     manifest = read_manifest(folder)
-    xtr, ytr = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
-    xte, yte = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
-    cnn = mnist_teacher(xtr, ytr, xte, yte, device=device).cpu().to(memory_format=torch.contiguous_format).eval()
-    source = minilm_reviews_dir(device)
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    minilm = AutoModelForSequenceClassification.from_pretrained(source, local_files_only=True).eval()
+    m = course_models(device=device)
+    xte, cnn, tok, minilm = m["x_test"], m["cnn"], m["tokenizer"], m["minilm"]
     reviews = review_splits(seed=0)["test"]
     diffs = [verify_onnx(cnn, folder/"digits_fp32.onnx", {"images": xte[:n].cpu()}) for n in (1, 64)]
     for n, length in ((1, 16), (64, 128)):

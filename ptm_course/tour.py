@@ -10,13 +10,12 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .compress import accuracy_of, cnn_logits_onnx, export_cnn, ort_session
+from .compress import accuracy_of
 from .core import get_device, seed_everything
 from .data import mnist_tensors
-from .deploy import DIGIT_LABELS, cnn_runners, format_latency, measure_runners, plot_latency, verify_onnx, write_manifest
+from .deploy import cnn_runners, export_digit_models, format_latency, measure_runners, plot_latency, verify_onnx, write_manifest
 from .vision import balanced_subset, count_parameters, finetune, pretrain_autoencoder, transfer_encoder
 
 # %% auto #0
@@ -98,14 +97,9 @@ def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
 
     _say("3/5 compressing and exporting: ONNX fp32 and static int8, checked against PyTorch", t0)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-    paths = {kind: p.replace(models_dir/f"digits_{kind}.onnx") for kind, p in export_cnn(model, models_dir, xtr[:256].cpu()).items()}
-    res["onnx_max_abs_diff"] = float(f"{max(verify_onnx(model, paths['fp32'], {'images': xte[:b].cpu()}) for b in (1, 64)):.3e}")
-    specs = {}
-    for kind, path in paths.items():
-        acc = accuracy_of(cnn_logits_onnx(ort_session(path), xte.cpu()), yte.cpu())
-        res[f"onnx_{kind}_acc"] = round(acc, 2)
-        specs[f"digits_{kind}"] = dict(file=path.name, task="digits", precision=kind, labels=DIGIT_LABELS, input="images",
-                                       test_accuracy=round(acc, 2), test_examples=len(yte))
+    specs = export_digit_models(model, models_dir, xtr[:256], xte, yte)
+    res.update({f"onnx_{s['precision']}_acc": s["test_accuracy"] for s in specs.values()})
+    res["onnx_max_abs_diff"] = float(f"{max(verify_onnx(model, models_dir/'digits_fp32.onnx', {'images': xte[:b].cpu()}) for b in (1, 64)):.3e}")
     manifest = json.loads(write_manifest(models_dir, **specs).read_text())
     res.update({f"{k}_size_mb": v["size_mb"] for k, v in manifest["models"].items()})
     with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy_of(model(xte.cpu()), yte.cpu()), 2)
@@ -142,7 +136,7 @@ def tour_report(res: dict) -> str:
         f"{res['pretrain_loss_first']:.3f} → {res['pretrain_loss_last']:.3f}, reconstruction loss on clean test images "
         f"{res['pretrain_val_loss']:.3f}.", "", "![pretraining](pretraining.png)", "",
         "## 2. Fine-tuning", "",
-        f"| start | labels | test accuracy |", "|---|---:|---:|",
+        "| start | labels | test accuracy |", "|---|---:|---:|",
         f"| pretrained encoder | {res['labels']:,} | {res['few_labels_pretrained_acc']:.2f} % |",
         f"| same network from scratch | {res['labels']:,} | {res['few_labels_scratch_acc']:.2f} % |",
         f"| pretrained encoder (deployed) | {res['train_images']:,} | {res['deployed_acc']:.2f} % |", "",

@@ -153,3 +153,23 @@ def notebook_tests(chapter: str, names: list[str], solution_lines: tuple[str, ..
     return {"graded": graded, **{f.__name__: f for f in (
         test_student_notebook_is_up_to_date, test_student_notebook_has_stubs_and_no_solutions_or_outputs,
         test_notebooks_are_unchanged_by_nbdev_clean, test_grade_scores_the_solution_one, test_grade_scores_the_student_notebook_zero)}}
+
+
+def checker_tests(names: list[str], checkers: dict, stubs: dict, wrong: dict) -> dict:
+    """Per exercise: the checker reports the student stub as not attempted, catches the typical wrong answers in `wrong`
+    with the right hint, and survives crashes and wrong types. A test module takes these with
+    `globals().update(checker_tests(...))`."""
+    @pytest.mark.parametrize("name", names)
+    def test_checker_reports_the_stub_as_not_attempted(name):
+        assert_not_attempted(checkers[name], stubs[name], name)
+
+    @pytest.mark.parametrize("name", names)
+    def test_checker_catches_typical_mistakes(name):
+        assert_catches(checkers[name], name, wrong[name])
+
+    @pytest.mark.parametrize("name", names)
+    def test_checker_survives_crashes_and_wrong_types(name):
+        assert_survives_crashes_and_wrong_types(checkers[name])
+
+    return {f.__name__: f for f in (test_checker_reports_the_stub_as_not_attempted, test_checker_catches_typical_mistakes,
+                                    test_checker_survives_crashes_and_wrong_types)}

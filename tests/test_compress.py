@@ -244,3 +244,10 @@ def test_quantize_onnx_dynamic_names_its_choices(tmp_path):
     with pytest.raises(ValueError, match="per_row"): C.quantize_onnx_dynamic(tmp_path/"a.onnx", tmp_path/"b.onnx", embeddings=True)
     cnn_path = C.export_onnx(nn.Linear(4, 2), {"input": torch.zeros(2, 4)}, tmp_path/"lin.onnx", {"input": {0: "batch"}})
     with pytest.raises(ValueError, match="no float32 embedding table"): C.quantize_embeddings_per_row(cnn_path, tmp_path/"x.onnx")
+
+
+def test_output_loss_is_never_negative_for_nearly_identical_outputs():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = 5*torch.randn(1000, 10, generator=g)
+        assert C.output_loss(x, x + 1e-6*torch.randn(x.shape, generator=g)) >= 0

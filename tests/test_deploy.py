@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ptm_course import deploy as D
+from ptm_course.compress import export_onnx
 from ptm_course.data import load_mnist, mnist_tensors
 
 
@@ -123,7 +124,7 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
 def test_verify_onnx_accepts_the_export_and_catches_a_wrong_model(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
-    path = D.export_onnx(model, {"input": torch.randn(2, 6)}, tmp_path/"m.onnx", {"input": {0: "batch"}}, input_names=["x"])
+    path = export_onnx(model, {"input": torch.randn(2, 6)}, tmp_path/"m.onnx", {"input": {0: "batch"}}, input_names=["x"])
     x = torch.randn(5, 6)
     assert D.verify_onnx(model.train(), path, {"x": x}) < 1e-5  # verify_onnx compares in eval mode (dropout off)
     other = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))

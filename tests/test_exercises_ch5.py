@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from exercise_helpers import (
-    assert_catches, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_survives_crashes_and_wrong_types,
-    functions_of, notebook_tests, solution_notebook, student_notebook)
+    assert_passes_and_keeps_the_random_state, checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import bert
 
@@ -126,24 +125,12 @@ def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone
     assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_reports_the_stub_as_not_attempted(name):
-    assert_not_attempted(CHECKERS[name], STUBS[name], name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_catches_typical_mistakes(name):
-    assert_catches(CHECKERS[name], name, WRONG[name])
+globals().update(checker_tests(NAMES, CHECKERS, STUBS, WRONG))
 
 
 def test_the_zero_division_names_the_schedule_and_the_step():
     result = bert.check_linear_warmup(WRONG["linear_warmup"][-1][0], show=False)
     assert "warmup_steps=0" in result.message and "step 0" in result.message and "division by zero" in result.hint
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_survives_crashes_and_wrong_types(name):
-    assert_survives_crashes_and_wrong_types(CHECKERS[name])
 
 
 def test_a_learner_that_uses_the_global_random_state_keeps_it():

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exercise_helpers import (
-    assert_catches, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_survives_crashes_and_wrong_types,
-    functions_of, notebook_tests, solution_notebook, student_notebook)
+    assert_passes_and_keeps_the_random_state, checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import compress
 
@@ -144,19 +143,7 @@ def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone
     assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_reports_the_stub_as_not_attempted(name):
-    assert_not_attempted(CHECKERS[name], STUBS[name], name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_catches_typical_mistakes(name):
-    assert_catches(CHECKERS[name], name, WRONG[name])
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_survives_crashes_and_wrong_types(name):
-    assert_survives_crashes_and_wrong_types(CHECKERS[name])
+globals().update(checker_tests(NAMES, CHECKERS, STUBS, WRONG))
 
 
 def test_quantize_accepts_what_is_not_a_mistake():
