@@ -24,8 +24,8 @@ from .core import get_device, progress
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'History', 'CheckpointError', 'checkpoint_paths', 'latest_checkpoint', 'read_checkpoint_state',
-           'load_weights', 'rng_state', 'set_rng_state', 'default_mixed_precision', 'is_main_process', 'process_device',
-           'mean_loss', 'train']
+           'load_weights', 'rng_state', 'set_rng_state', 'default_mixed_precision', 'native_bf16',
+           'resolve_mixed_precision', 'is_main_process', 'process_device', 'mean_loss', 'train']
 
 # %% ../nbs/03a_training_loop.ipynb #3517bf67
 class History:
@@ -260,6 +260,24 @@ def default_mixed_precision(device) -> str:
     device = torch.device(device)
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
+def native_bf16(device) -> bool:
+    "True where `device` computes in bfloat16 in hardware: CUDA GPUs that support it, x86 CPUs with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated, and slower than float32."
+    device = torch.device(device)
+    if device.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu": return False
+    try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError): return False  # a PyTorch without these probes: assume emulated
+
+def resolve_mixed_precision(mixed_precision: str | None, device) -> str:
+    "The precision `train` runs in on `device` when asked for `mixed_precision`: None/'auto' as `default_mixed_precision`, 'native' is 'bf16' where `native_bf16`, else 'no'."
+    device = torch.device(device)
+    precision = (default_mixed_precision(device) if mixed_precision in (None, "auto") else
+                 ("bf16" if native_bf16(device) else "no") if mixed_precision == "native" else mixed_precision)
+    if precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be None/'auto', 'native', 'no', 'bf16' or 'fp16', got {mixed_precision!r}.")
+    if precision == "fp16" and device.type != "cuda": raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no'.")
+    return precision
+
 def _launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -408,7 +426,7 @@ def train(model: nn.Module,                        # the network; trained in pla
           eval_fn: Callable | None = None,          # `eval_fn(model, eval_loader)` -> dict of metrics; default: mean loss as 'val_loss'
           eval_every: int | None = None,            # steps between evaluations
           grad_clip: float | None = None,           # clip the gradient norm to this (and log `grad_norm`)
-          mixed_precision: str | None = None,       # None/'auto': 'bf16' autocast on CUDA, 'no' elsewhere; or 'no', 'bf16', 'fp16'
+          mixed_precision: str | None = None,       # None/'auto': 'bf16' on CUDA, else 'no'; 'native': 'bf16' wherever the hardware has it (CPU too); or 'no', 'bf16', 'fp16'
           checkpoint_dir=None,                      # folder for checkpoints; one is saved at the end of the run
           checkpoint_every: int | None = None,      # steps between checkpoints
           resume: bool = False,                     # continue from the latest checkpoint in `checkpoint_dir`, if any
@@ -433,9 +451,7 @@ def train(model: nn.Module,                        # the network; trained in pla
         raise FileExistsError(f"{root} already holds checkpoints of an earlier run (latest: {latest.name}). Pass resume=True to "
                               "continue it, or delete the folder (or choose another) to start afresh.")
     device = process_device(device)
-    precision = default_mixed_precision(device) if mixed_precision in (None, "auto") else mixed_precision
-    if precision not in ("no", "bf16", "fp16"): raise ValueError(f"mixed_precision must be None/'auto', 'no', 'bf16' or 'fp16', got {mixed_precision!r}.")
-    if precision == "fp16" and device.type != "cuda": raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no'.")
+    precision = resolve_mixed_precision(mixed_precision, device)
     eval_fn = eval_fn or (mean_loss(loss_fn) if eval_loader is not None else None)
 
     accelerator = _make_accelerator(device, precision, find_unused_parameters)

@@ -17,8 +17,8 @@ from torch import nn
 
 from ptm_course.core import seed_everything
 from ptm_course.data import DeviceLoader
-from ptm_course.train import (CheckpointError, History, default_mixed_precision, latest_checkpoint, load_weights,
-                              read_checkpoint_state, train)
+from ptm_course.train import (CheckpointError, History, default_mixed_precision, latest_checkpoint, load_weights, native_bf16,
+                              read_checkpoint_state, resolve_mixed_precision, train)
 
 
 def make_data(n=384, d=12, classes=3):
@@ -239,6 +239,26 @@ def test_bf16_autocast_on_the_cpu_and_the_model_given_back_plain():
     assert seen == [torch.float32]  # after training, no autocast left behind
     assert default_mixed_precision("cpu") == "no"
     train(model, opt, tl, loss_fn, max_steps=2, device="cpu")  # another precision in the same process: allowed
+
+
+def test_native_precision_follows_the_hardware(monkeypatch):
+    # 'native' is bf16 exactly where the CPU computes in bf16; the probes are faked both ways
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert native_bf16("cpu") is has_bf16
+        assert resolve_mixed_precision("native", "cpu") == ("bf16" if has_bf16 else "no")
+        model, opt, _, tl, _ = make_run(dropout=0.0)
+        seen = []
+        model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        train(model, opt, tl, loss_fn, max_steps=2, mixed_precision="native", device="cpu")
+        assert set(seen) == {torch.bfloat16 if has_bf16 else torch.float32}
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert native_bf16("cpu") is False  # a PyTorch without the probe: assume emulated bf16
+    assert native_bf16("meta") is False
+    assert resolve_mixed_precision(None, "cpu") == resolve_mixed_precision("auto", "cpu") == "no"
+    for bad, match in (("half", "mixed_precision must be"), ("fp16", "needs a CUDA GPU")):
+        with pytest.raises(ValueError, match=match): resolve_mixed_precision(bad, "cpu")
 
 
 @pytest.mark.cuda
