@@ -15,6 +15,7 @@ from transformers import BertForMaskedLM
 from ptm_course import text as T
 from ptm_course.data import DeviceLoader, load_tokenizer
 from ptm_course.objectives import IGNORE_INDEX, mask_tokens
+from ptm_course.train import resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +104,7 @@ def test_pretraining_learns_and_saves_a_folder_that_reloads_offline(tokenizer, t
     assert first > 9.5 and last < first - 1.5, (first, last)  # from ~ln(30,522) towards word frequencies
     assert info["mlm_val_loss"] < 9.6 and info["steps"] == 40 and info["tokens"] == 40*16*32
     assert info["parameter_digests"] == [T.parameter_digest(model)]
+    assert info["precision"] == resolve_mixed_precision("native", "cpu")  # the default: bf16 where the CPU computes in it
     saved = json.loads((tmp_path/"bert"/"pretraining.json").read_text())
     assert saved["mlm_val_loss"] == info["mlm_val_loss"] and len(saved["history"]) == 40
     reloaded = BertForMaskedLM.from_pretrained(tmp_path/"bert", local_files_only=True).eval()
