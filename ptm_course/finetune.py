@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
 from .data import Review, load_tokenizer, pretrained_path, review_splits
 from .text import count_parameters, small_bert_dir
-from .train import History, train
+from .train import History, process_device, resolve_mixed_precision, train
 
 # %% auto #0
 __all__ = ['LABEL_NAMES', 'RECIPES', 'encode_reviews', 'review_loader', 'classifier_from', 'evaluate_reviews',
@@ -87,7 +87,8 @@ def evaluate_reviews(model, loader) -> dict[str, float]:
 
 def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr: float = 5e-5, epochs: int = 3,
                         batch_size: int = 32, warmup: float = 0.1, weight_decay: float = 0.01, max_length: int = 64,
-                        seed: int = 0, device=None, output_dir=None, desc: str = "fine-tune", loss_fn=None) -> tuple[History, dict]:
+                        seed: int = 0, device=None, output_dir=None, desc: str = "fine-tune", loss_fn=None,
+                        mixed_precision: str | None = "native") -> tuple[History, dict]:
     "Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns (history, results). `loss_fn(model, batch)` replaces the model's own cross-entropy (chapter 7 distils with it). Defined in chapter 6."
     from transformers import get_linear_schedule_with_warmup
     missing = {"train", "validation", "test"} - set(splits)
@@ -104,12 +105,14 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
     tokens = sum(len(e["input_ids"]) for e in encoded["train"])*epochs
     start = time.perf_counter()
     history = train(model, optimizer, train_loader, loss_fn or (lambda m, b: m(**b).loss), epochs=epochs, scheduler=scheduler, grad_clip=1.0,
-                    eval_loader=valid_loader, eval_fn=evaluate_reviews, eval_every=len(train_loader), device=device, desc=desc)
+                    eval_loader=valid_loader, eval_fn=evaluate_reviews, eval_every=len(train_loader), device=device,
+                    mixed_precision=mixed_precision, desc=desc)
     seconds = time.perf_counter() - start
     test = evaluate_reviews(model, review_loader(encoded["test"], tokenizer, 128, shuffle=False))
     results = dict(test_accuracy=test["accuracy"], test_loss=test["val_loss"], valid_accuracy=history.last("accuracy"),
                    seconds=seconds, tokens_per_s=tokens/seconds, parameters=count_parameters(model), steps=steps,
-                   epochs=epochs, lr=lr, seed=seed, device=str(next(model.parameters()).device))
+                   epochs=epochs, lr=lr, seed=seed, device=str(next(model.parameters()).device),
+                   precision=resolve_mixed_precision(mixed_precision, process_device(device)))
     if output_dir is not None: save_classifier(model, tokenizer, output_dir, results)
     return history, results
 

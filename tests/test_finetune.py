@@ -1,5 +1,6 @@
 """Tests of ptm_course.finetune (chapter 6): batches, the three starts, fine-tuning, saving and `classify`."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import BertForSequenceClassification
 from ptm_course import finetune as FT
 from ptm_course import text as T
 from ptm_course.data import Review, load_tokenizer, review_splits
+from ptm_course.train import resolve_mixed_precision
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,7 @@ def test_finetune_save_reload_and_classify(tokenizer, tiny_bert, small_splits, t
                                               device="cpu", output_dir=tmp_path/"clf", desc="test")
     assert results["steps"] == 2*6 and len(history) == 12 and "accuracy" in history.rows[5] and "accuracy" in history.rows[-1]
     assert 0 <= results["test_accuracy"] <= 1 and results["parameters"] == T.count_parameters(model)
+    assert results["precision"] == resolve_mixed_precision("native", "cpu")  # bf16 where this CPU computes in it, else float32
     saved = json.loads((tmp_path/"clf"/"finetuning.json").read_text())
     assert saved["test_accuracy"] == results["test_accuracy"]
     texts = [r.text for r in small_splits["test"]]
@@ -110,3 +113,21 @@ def test_comparison_table():
     assert [r["start"] for r in rows] == ["a", "b"] and rows[0]["name"] == "start A"
     assert abs(rows[0]["accuracy"] - 0.85) < 1e-12 and abs(rows[0]["std"] - 0.0707106781) < 1e-6 and rows[1]["std"] == 0.0
     assert "| start A | 85.0 ± 7.1 % |" in FT.format_comparison(rows)
+
+
+def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path):
+    "scripts/finetune_sweep.py (the chapter's recipe diagnostics): one short run per variant, each logged as one JSON line."
+    import runpy, sys
+    script = str(Path(__file__).resolve().parents[1]/"scripts"/"finetune_sweep.py")
+    log = tmp_path/"sweep.jsonl"
+    common = ["--start", "small_pretrained", "--small", str(tiny_bert), "--train-subset", "64", "--epochs", "1", "--lr", "1e-3",
+              "--mixed-precision", "no", "--log", str(log)]
+    for extra in ([], ["--pool", "mean", "--llrd", "0.8", "--head-lr", "1e-2", "--refresh-unread"]):
+        argv = sys.argv
+        sys.argv = [script, *common, *extra]
+        try: runpy.run_path(script, run_name="__main__")
+        finally: sys.argv = argv
+    rows = [json.loads(l) for l in log.read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"]
+    for r in rows:
+        assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["valid"] < 1 and 0 < r["per_epoch"][0]["test"] < 1
