@@ -535,15 +535,19 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
                   device=None) -> dict[str, tuple[Path, dict]]:
     "Chapter 5's small BERT fine-tuned on the reviews alone and taught by the classifier in `teacher_dir` (cached folders): {'alone'|'taught': (folder, results)}."
     from transformers import AutoModelForSequenceClassification
-    from ptm_course.data import load_tokenizer, review_splits
+    from ptm_course.data import file_digest, load_tokenizer, review_splits
     from ptm_course.finetune import RECIPES, classifier_from, finetune_classifier
+    from ptm_course.text import small_bert_dir
     if splits is None:
         splits = review_splits(seed=0)
         if is_fast(): splits = {k: v[:256 if k == "train" else 128] for k, v in splits.items()}
     recipe = {**RECIPES["small_pretrained"], **fast_or_full(dict(epochs=1), {})}
     out = {}
+    weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]  # the cached students follow their start and teacher
+    start, teacher_tag = weights(small_bert_dir()), weights(teacher_dir)
     for name in ("alone", "taught"):
-        folder = cache_dir("compress")/f"small_bert_{name}_{'fast' if is_fast() else 'full'}_T{temperature:g}_a{alpha:g}_s{seed}"
+        tag = start + (f"_{teacher_tag}" if name == "taught" else "")
+        folder = cache_dir("compress")/f"small_bert_{name}_{'fast' if is_fast() else 'full'}_T{temperature:g}_a{alpha:g}_s{seed}_{tag}"
         if not (folder/"finetuning.json").exists():
             loss = None
             if name == "taught":
