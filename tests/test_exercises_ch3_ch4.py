@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exercise_helpers import (
-    ROOT, assert_catches, assert_graded, assert_not_attempted, assert_passes_and_keeps_the_random_state, assert_student_notebook,
-    assert_survives_crashes_and_wrong_types, assert_unchanged_by_nbdev_clean, functions_of, grade, passive_openmp_waits,
-    solution_notebook, student_notebook)
+    ROOT, assert_graded, assert_passes_and_keeps_the_random_state, assert_student_notebook, assert_unchanged_by_nbdev_clean,
+    checker_tests, functions_of, grade, passive_openmp_waits, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import mnist as mn
 from ptm_course.checks import objectives as obj
@@ -232,19 +231,7 @@ def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone
     assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
 
 
-@pytest.mark.parametrize("name", EXERCISES)
-def test_checker_reports_the_stub_as_not_attempted(name):
-    assert_not_attempted(CHECKERS[name], STUBS[name], name)
-
-
-@pytest.mark.parametrize("name", EXERCISES)
-def test_checker_catches_typical_mistakes(name):
-    assert_catches(CHECKERS[name], name, WRONG[name])
-
-
-@pytest.mark.parametrize("name", EXERCISES)
-def test_checker_survives_crashes_and_wrong_types(name):
-    assert_survives_crashes_and_wrong_types(CHECKERS[name])
+globals().update(checker_tests(EXERCISES, CHECKERS, STUBS, WRONG))  # stub not attempted, typical mistakes caught, crashes survived
 
 
 def test_checkers_refuse_in_place_changes():

@@ -117,16 +117,13 @@ def test_comparison_table():
 
 def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path):
     "scripts/finetune_sweep.py (the chapter's recipe diagnostics): one short run per variant, each logged as one JSON line."
-    import runpy, sys
-    script = str(Path(__file__).resolve().parents[1]/"scripts"/"finetune_sweep.py")
+    import runpy
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1]/"scripts"/"finetune_sweep.py"))["main"]
     log = tmp_path/"sweep.jsonl"
     common = ["--start", "small_pretrained", "--small", str(tiny_bert), "--train-subset", "64", "--epochs", "1", "--lr", "1e-3",
               "--mixed-precision", "no", "--log", str(log)]
     for extra in ([], ["--pool", "mean", "--llrd", "0.8", "--head-lr", "1e-2", "--refresh-unread"]):
-        argv = sys.argv
-        sys.argv = [script, *common, *extra]
-        try: runpy.run_path(script, run_name="__main__")
-        finally: sys.argv = argv
+        main([*common, *extra])
     rows = [json.loads(l) for l in log.read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"]
     for r in rows:
