@@ -239,8 +239,7 @@ def format_bench(res: dict) -> str:
 # %% ../nbs/98_bench.ipynb #b378d337
 def bench_bert(runs: int | None = None, device=None) -> dict:
     "Chapter 5's pretraining figures and chapter 6's fine-tuning comparison (`runs` seeds per start), with the hardware named."
-    from ptm_course.data import review_splits
-    from ptm_course.finetune import compare_starts, comparison_table
+    from ptm_course.finetune import compare_starts, comparison_table, course_splits
     from ptm_course.text import small_bert_dir
     device = get_device(device)
     fast = is_fast()
@@ -252,8 +251,7 @@ def bench_bert(runs: int | None = None, device=None) -> dict:
     bert_dir = small_bert_dir(device=device)
     from_cache = time.perf_counter() - start < 0.5*json.loads((bert_dir/"pretraining.json").read_text())["seconds"]
     pre = json.loads((bert_dir/"pretraining.json").read_text())
-    splits = review_splits(seed=0)
-    if fast: splits = {k: v[:256 if k == "train" else 128] for k, v in splits.items()}
+    splits = course_splits()
     with _quiet(): results = compare_starts(splits, seeds=seeds, device=device, **(dict(epochs=1) if fast else {}))
     table = {r["start"]: r for r in comparison_table(results)}
     pct = lambda x: round(100*x, 2)

@@ -293,12 +293,11 @@ def ort_latency(session, feeds: dict[str, np.ndarray], runs: int = 100, warmup: 
 # %% ../nbs/07_compression.ipynb #f0a369fc
 def minilm_reviews_dir(device=None) -> Path:
     "Chapter 6's fine-tuned MiniLM folder for this mode; fine-tuned now (and cached) if chapter 6 has not been run."
-    from ptm_course.data import load_tokenizer, review_splits
-    from ptm_course.finetune import RECIPES, classifier_from, finetune_classifier
+    from ptm_course.data import load_tokenizer
+    from ptm_course.finetune import RECIPES, classifier_from, course_splits, finetune_classifier
     folder = cache_dir("finetune")/f"minilm_reviews_{'fast' if is_fast() else 'full'}"
     if (folder/"config.json").exists(): return folder
-    splits = review_splits(seed=0)
-    if is_fast(): splits = {k: v[:256 if k == "train" else 128] for k, v in splits.items()}
+    splits = course_splits()
     recipe = {**RECIPES["minilm"], **fast_or_full(dict(epochs=1), {})}
     finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), splits, seed=0, device=device, output_dir=folder,
                         desc="fine-tune MiniLM (chapter 6)", **recipe)
@@ -535,12 +534,11 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
                   device=None) -> dict[str, tuple[Path, dict]]:
     "Chapter 5's small BERT fine-tuned on the reviews alone and taught by the classifier in `teacher_dir` (cached folders): {'alone'|'taught': (folder, results)}."
     from transformers import AutoModelForSequenceClassification
-    from ptm_course.data import file_digest, load_tokenizer, review_splits
-    from ptm_course.finetune import RECIPES, classifier_from, finetune_classifier
+    from ptm_course.data import file_digest, load_tokenizer
+    from ptm_course.finetune import RECIPES, classifier_from, course_splits, finetune_classifier
     from ptm_course.text import small_bert_dir
     if splits is None:
-        splits = review_splits(seed=0)
-        if is_fast(): splits = {k: v[:256 if k == "train" else 128] for k, v in splits.items()}
+        splits = course_splits()
     recipe = {**RECIPES["small_pretrained"], **fast_or_full(dict(epochs=1), {})}
     out = {}
     weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]  # the cached students follow their start and teacher
@@ -577,7 +575,7 @@ def bench_compress(runs: int | None = None, device=None) -> dict:
     "Every compression method of chapter 7 next to its fp32 baseline, measured in one run: the `ptm-course bench compress` figures."
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from ptm_course.bench import hardware_info
-    from ptm_course.data import review_splits
+    from ptm_course.finetune import course_splits
     device = get_device(device)
     runs = runs or fast_or_full(10, 200)
     start = time.perf_counter()
@@ -617,7 +615,7 @@ def bench_compress(runs: int | None = None, device=None) -> dict:
     folder = minilm_reviews_dir(device)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     minilm = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
-    reviews = review_splits(seed=0)["test"][:fast_or_full(128, None)]
+    reviews = course_splits()["test"]
     labels = torch.tensor([r.label for r in reviews])
     batches = review_batches([r.text for r in reviews], tok)
     text_base = text_logits_torch(minilm.cpu(), batches)

@@ -111,7 +111,7 @@ def export_digit_models(model: nn.Module, folder, calibration_images, x_test, y_
 
 def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
     "Write the served models to `folder` (default: `default_bundle_dir()`): the CNN (fp32 and int8) and, if `reviews`, fine-tuned MiniLM (fp32 and int8) with its tokenizer; returns the folder."
-    from ptm_course.data import review_splits
+    from ptm_course.finetune import course_splits
     folder = Path(folder) if folder is not None else default_bundle_dir()
     folder.mkdir(parents=True, exist_ok=True)
     m = course_models(reviews, device)
@@ -121,7 +121,7 @@ def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
         tok.save_pretrained(folder/"tokenizer")
         fp32 = export_text_onnx(minilm, tok, folder/"reviews_fp32.onnx")
         int8 = quantize_onnx_dynamic(fp32, folder/"reviews_int8.onnx")
-        test = review_splits(seed=0)["test"][:fast_or_full(128, None)]
+        test = course_splits()["test"]
         batches = review_batches([r.text for r in test], tok, max_length=128)
         labels = [minilm.config.id2label[i] for i in range(minilm.config.num_labels)]
         for kind, path in (("fp32", fp32), ("int8", int8)):

@@ -21,9 +21,15 @@ from .text import count_parameters, small_bert_dir
 from .train import History, process_device, resolve_mixed_precision, train
 
 # %% auto #0
-__all__ = ['LABEL_NAMES', 'RECIPES', 'encode_reviews', 'review_loader', 'classifier_from', 'evaluate_reviews',
+__all__ = ['LABEL_NAMES', 'RECIPES', 'course_splits', 'encode_reviews', 'review_loader', 'classifier_from', 'evaluate_reviews',
            'finetune_classifier', 'save_classifier', 'compare_starts', 'comparison_table', 'format_comparison',
            'load_classifier', 'classify']
+
+# %% ../nbs/06_bert_finetuning.ipynb #c0a5e7d1
+def course_splits() -> dict[str, list[Review]]:
+    "The review split of chapters 6 to 8: `review_splits(seed=0)`, cut to 256 training and 128 validation and test reviews in fast mode."
+    splits = review_splits(seed=0)
+    return {k: v[:256 if k == "train" else 128] for k, v in splits.items()} if is_fast() else splits
 
 # %% ../nbs/06_bert_finetuning.ipynb #535ce580
 LABEL_NAMES = ("rotten", "fresh")  # label ids 0 and 1, as in `ptm_course.data`

@@ -128,3 +128,13 @@ def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path):
     assert len(rows) == 2 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"]
     for r in rows:
         assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["valid"] < 1 and 0 < r["per_epoch"][0]["test"] < 1
+
+
+def test_course_splits_cut_only_in_fast_mode(monkeypatch):
+    full = review_splits(seed=0)
+    monkeypatch.delenv("PTM_FAST", raising=False)
+    assert {k: len(v) for k, v in FT.course_splits().items()} == {k: len(v) for k, v in full.items()}
+    monkeypatch.setenv("PTM_FAST", "1")
+    fast = FT.course_splits()
+    assert {k: len(v) for k, v in fast.items()} == {"train": 256, "validation": 128, "test": 128}
+    assert all(fast[k] == full[k][:len(fast[k])] for k in full)  # a prefix of the same split, not another one
