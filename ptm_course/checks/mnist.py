@@ -8,7 +8,6 @@ statistics) and names the typical mistake when it sees one."""
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .objectives import _expect_unchanged, _generator, _single_threaded
 from ..exercises import Fail, attempt, checker, close, diagnose, expect_number, expect_tensor, relative_error
 
 # %% auto #0
@@ -23,31 +23,11 @@ __all__ = ['check_output_shape', 'check_accuracy', 'check_confusion_matrix', 'ch
            'check_mask_pixels']
 
 # %% ../../nbs/93_checks_mnist.ipynb #9b13722e
-def _generator(seed: int) -> torch.Generator: return torch.Generator().manual_seed(seed)
-
-def _single_threaded(check):
-    "Run `check` on one thread: its tensors are tiny, and idle OpenMP threads spinning on busy cores can make each small operation a thousand times slower."
-    @functools.wraps(check)
-    def run(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try: return check(*args, **kwargs)
-        finally: torch.set_num_threads(threads)
-    return run
-
 def _seeded(seed: int, build):
     "`build()` under `torch.manual_seed(seed)`, with the global random state restored afterwards."
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
-
-def _expect_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-    "`Fail` if the learner's function modified one of its input tensors in place."
-    for name, old in before.items():
-        new = after[name]
-        if new.shape != old.shape or not torch.equal(new, old):
-            raise Fail(f"your function changed its input `{name}` in place",
-                       "compute new tensors (x.masked_fill(...), x * mask), or work on a .clone()")
 
 # %% ../../nbs/93_checks_mnist.ipynb #f7f77223
 def _pair(v) -> tuple: return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
