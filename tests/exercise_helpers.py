@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import torch
 
@@ -34,11 +35,13 @@ def functions_of(path: Path, names: list[str]) -> dict:
 # ---- what every checker must do ----
 
 def assert_passes_and_keeps_the_random_state(check, fn) -> None:
-    "`check` passes `fn` (the reference solution) and leaves torch's global random state as it was."
-    state = torch.get_rng_state()
+    "`check` passes `fn` (the reference solution) and leaves torch's and NumPy's global random states as they were."
+    state, np_state = torch.get_rng_state(), np.random.get_state()
     result = check(fn, show=False)
     assert result.passed, result
     assert torch.equal(torch.get_rng_state(), state), "a check must not change the learner's global random state"
+    after = np.random.get_state()
+    assert np_state[0] == after[0] and np.array_equal(np_state[1], after[1]) and np_state[2:] == after[2:], "NumPy's global random state changed"
 
 
 def assert_not_attempted(check, stub, name: str) -> None:
@@ -155,10 +158,19 @@ def notebook_tests(chapter: str, names: list[str], solution_lines: tuple[str, ..
         test_notebooks_are_unchanged_by_nbdev_clean, test_grade_scores_the_solution_one, test_grade_scores_the_student_notebook_zero)}}
 
 
-def checker_tests(names: list[str], checkers: dict, stubs: dict, wrong: dict) -> dict:
-    """Per exercise: the checker reports the student stub as not attempted, catches the typical wrong answers in `wrong`
-    with the right hint, and survives crashes and wrong types. A test module takes these with
+def checker_tests(names: list[str], checkers: dict, reference: dict, stubs: dict, wrong: dict, notebooks: dict[Path, list[str]]) -> dict:
+    """The notebooks in `notebooks` hold exactly their exercises, in order; per exercise, the checker passes the reference
+    solution without touching the global random state, reports the student stub as not attempted, catches the typical
+    wrong answers in `wrong` with the right hint, and survives crashes and wrong types. A test module takes these with
     `globals().update(checker_tests(...))`."""
+    def test_the_notebooks_have_their_exercises():
+        for path, in_it in notebooks.items():
+            assert ex.find_exercises(nbformat.read(path, as_version=4)) == in_it, path
+
+    @pytest.mark.parametrize("name", names)
+    def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
+        assert_passes_and_keeps_the_random_state(checkers[name], reference[name])
+
     @pytest.mark.parametrize("name", names)
     def test_checker_reports_the_stub_as_not_attempted(name):
         assert_not_attempted(checkers[name], stubs[name], name)
@@ -171,5 +183,6 @@ def checker_tests(names: list[str], checkers: dict, stubs: dict, wrong: dict) ->
     def test_checker_survives_crashes_and_wrong_types(name):
         assert_survives_crashes_and_wrong_types(checkers[name])
 
-    return {f.__name__: f for f in (test_checker_reports_the_stub_as_not_attempted, test_checker_catches_typical_mistakes,
+    return {f.__name__: f for f in (test_the_notebooks_have_their_exercises, test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone,
+                                    test_checker_reports_the_stub_as_not_attempted, test_checker_catches_typical_mistakes,
                                     test_checker_survives_crashes_and_wrong_types)}

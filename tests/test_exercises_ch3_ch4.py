@@ -9,14 +9,13 @@ import concurrent.futures
 import math
 import time
 
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from exercise_helpers import (
-    ROOT, assert_graded, assert_passes_and_keeps_the_random_state, assert_student_notebook, assert_unchanged_by_nbdev_clean,
+    ROOT, assert_graded, assert_student_notebook, assert_unchanged_by_nbdev_clean,
     checker_tests, functions_of, grade, passive_openmp_waits, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import mnist as mn
@@ -220,18 +219,8 @@ WRONG = {
 }
 
 
-def test_the_notebooks_have_their_exercises():
-    for ch, (_, names) in CHAPTERS.items():
-        for path in (SOLUTIONS[ch], STUDENTS[ch]):
-            assert ex.find_exercises(nbformat.read(path, as_version=4)) == names, path
-
-
-@pytest.mark.parametrize("name", EXERCISES)
-def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
-    assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
-
-
-globals().update(checker_tests(EXERCISES, CHECKERS, STUBS, WRONG))  # stub not attempted, typical mistakes caught, crashes survived
+NOTEBOOKS = {path: names for ch, (_, names) in CHAPTERS.items() for path in (SOLUTIONS[ch], STUDENTS[ch])}
+globals().update(checker_tests(EXERCISES, CHECKERS, REFERENCE, STUBS, WRONG, NOTEBOOKS))  # stub not attempted, typical mistakes caught, crashes survived
 
 
 def test_checkers_refuse_in_place_changes():

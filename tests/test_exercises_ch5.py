@@ -8,13 +8,11 @@ against each other (sentence-transformers' pooling, a BertModel run with and wit
 BERT's closed-form schedule). One module-scoped `grade` run scores the solution notebook 1.0 and
 the student notebook 0.0."""
 
-import nbformat
 import pytest
 import torch
 
 from exercise_helpers import (
-    assert_passes_and_keeps_the_random_state, checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
-from ptm_course import exercises as ex
+    checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course.checks import bert
 
 CHAPTER = "05_bert"
@@ -115,17 +113,7 @@ WRONG = {
 }
 
 
-def test_the_notebooks_have_their_exercises():
-    for path in (SOLUTION, STUDENT):
-        assert ex.find_exercises(nbformat.read(path, as_version=4)) == NAMES, path
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
-    assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
-
-
-globals().update(checker_tests(NAMES, CHECKERS, STUBS, WRONG))
+globals().update(checker_tests(NAMES, CHECKERS, REFERENCE, STUBS, WRONG, {SOLUTION: NAMES, STUDENT: NAMES}))
 
 
 def test_the_zero_division_names_the_schedule_and_the_step():

@@ -13,10 +13,9 @@ import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from exercise_helpers import (
-    assert_passes_and_keeps_the_random_state, checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
+    checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import compress
 
@@ -133,17 +132,7 @@ WRONG = {
 }
 
 
-def test_the_notebooks_have_their_exercises():
-    for path in (SOLUTION, STUDENT):
-        assert ex.find_exercises(nbformat.read(path, as_version=4)) == NAMES, path
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
-    assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
-
-
-globals().update(checker_tests(NAMES, CHECKERS, STUBS, WRONG))
+globals().update(checker_tests(NAMES, CHECKERS, REFERENCE, STUBS, WRONG, {SOLUTION: NAMES, STUDENT: NAMES}))
 
 
 def test_quantize_accepts_what_is_not_a_mistake():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from exercise_helpers import (
-    assert_passes_and_keeps_the_random_state, checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
+    checker_tests, functions_of, notebook_tests, solution_notebook, student_notebook)
 from ptm_course import exercises as ex
 from ptm_course.checks import deploy
 
@@ -171,20 +171,7 @@ WRONG = {
 }
 
 
-def test_the_notebooks_have_their_exercises():
-    for path in (SOLUTION, STUDENT):
-        assert ex.find_exercises(nbformat.read(path, as_version=4)) == NAMES, path
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_checker_passes_the_reference_solution_and_leaves_the_random_state_alone(name):
-    state = np.random.get_state()
-    assert_passes_and_keeps_the_random_state(CHECKERS[name], REFERENCE[name])
-    after = np.random.get_state()
-    assert state[0] == after[0] and np.array_equal(state[1], after[1]) and state[2:] == after[2:], "NumPy's global random state changed"
-
-
-globals().update(checker_tests(NAMES, CHECKERS, STUBS, WRONG))
+globals().update(checker_tests(NAMES, CHECKERS, REFERENCE, STUBS, WRONG, {SOLUTION: NAMES, STUDENT: NAMES}))
 
 
 def test_verify_export_accepts_what_is_not_a_mistake():
