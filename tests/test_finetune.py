@@ -122,12 +122,13 @@ def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path):
     log = tmp_path/"sweep.jsonl"
     common = ["--start", "small_pretrained", "--small", str(tiny_bert), "--train-subset", "64", "--epochs", "1", "--lr", "1e-3",
               "--mixed-precision", "no", "--log", str(log)]
-    for extra in ([], ["--pool", "mean", "--llrd", "0.8", "--head-lr", "1e-2", "--refresh-unread"]):
+    for extra in ([], ["--pool", "mean", "--llrd", "0.8", "--head-lr", "1e-2", "--refresh-unread"], ["--train-on-validation"]):
         main([*common, *extra])
     rows = [json.loads(l) for l in log.read_text().splitlines()]
-    assert len(rows) == 2 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"]
+    assert len(rows) == 3 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"] and rows[2]["train_on_validation"]
     for r in rows:
-        assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["valid"] < 1 and 0 < r["per_epoch"][0]["test"] < 1
+        assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["test"] < 1
+    assert all(0 < r["per_epoch"][0]["valid"] < 1 for r in rows[:2]) and rows[2]["per_epoch"][0]["valid"] is None  # seen reviews
 
 
 def test_course_splits_cut_only_in_fast_mode(monkeypatch):
