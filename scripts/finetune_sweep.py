@@ -13,11 +13,13 @@ reviews, and is logged as null).
 
     python scripts/finetune_sweep.py --start minilm --lr 1e-4 --epochs 2
     python scripts/finetune_sweep.py --start small_pretrained --small ~/.cache/ptm_course/text/<folder> --lr 3e-4 --epochs 3
+    python scripts/finetune_sweep.py --summarize results/finetune_sweep_cpu.jsonl   # mean ± std over seeds, per recipe
 """
 import argparse
 import json
 import random
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -69,6 +71,30 @@ def parameter_groups(model, lr: float, llrd: float, head_lr: float | None, weigh
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
 
 
+RECIPE_KEYS = ("start", "small", "lr", "epochs", "batch_size", "pool", "llrd", "head_lr", "weight_decay", "warmup",
+               "refresh_unread", "train_subset", "train_on_validation")
+
+def summarize(path) -> list[dict]:
+    """The logged runs grouped by recipe (every setting but the seed; the precision is left out too, since "bf16" and
+    "native" ran the same bfloat16 on the CPU of the committed runs): seeds, and the last epoch's test and validation
+    accuracy in percent, mean and standard deviation over the seeds (None where not measured)."""
+    import statistics
+    groups = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        groups.setdefault(tuple(str(r.get(k, False if k == "train_on_validation" else None)) for k in RECIPE_KEYS), []).append(r)
+    def stats(rs, field):
+        xs = [100*r["per_epoch"][-1][field] for r in rs if r["per_epoch"][-1][field] is not None]
+        if not xs: return None, None
+        return round(statistics.mean(xs), 2), round(statistics.stdev(xs), 2) if len(xs) > 1 else None
+    out = []
+    for rs in groups.values():
+        (test, test_sd), (valid, valid_sd) = stats(rs, "test"), stats(rs, "valid")
+        out.append(dict({k: rs[0].get(k) for k in RECIPE_KEYS}, seeds=sorted(r["seed"] for r in rs),
+                        test=test, test_std=test_sd, valid=valid, valid_std=valid_sd))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--start", default="minilm", help="minilm, small_pretrained, small_scratch, or a Hugging Face name or folder")
@@ -81,7 +107,16 @@ def main(argv=None):
     p.add_argument("--refresh-unread", action="store_true"); p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--train-on-validation", action="store_true", help="train on the training and validation reviews together")
     p.add_argument("--mixed-precision", default="native"); p.add_argument("--log", default=None, help="append the RESULT line here")
+    p.add_argument("--summarize", default=None, metavar="JSONL", help="print the runs logged in JSONL, grouped by recipe, and stop")
     a = p.parse_args(argv)
+    if a.summarize:
+        fmt = lambda m, sd: "    n/a    " if m is None else f"{m:5.2f} ± {sd:4.2f}" if sd is not None else f"{m:5.2f}      "
+        print(f"{'start':17s} {'lr':>7} {'ep':>2} {'bs':>3} {'pool':>6} {'llrd':>4} {'other':28s} {'seeds':9s} {'test %':>13} {'valid %':>13}")
+        for g in summarize(a.summarize):
+            other = ", ".join(f"{k}={g[k]}" for k in ("head_lr", "refresh_unread", "train_subset", "train_on_validation") if g[k])
+            print(f"{g['start']:17s} {g['lr']:>7g} {g['epochs']:>2} {g['batch_size']:>3} {g['pool']:>6} {g['llrd']:>4g} {other:28s} "
+                  f"{','.join(map(str, g['seeds'])):9s} {fmt(g['test'], g['test_std']):>13} {fmt(g['valid'], g['valid_std']):>13}")
+        return
     tokenizer, splits = load_tokenizer(), review_splits(seed=0)
     if a.train_subset:
         reviews = list(splits["train"]); random.Random(0).shuffle(reviews)

@@ -115,10 +115,11 @@ def test_comparison_table():
     assert "| start A | 85.0 ± 7.1 % |" in FT.format_comparison(rows)
 
 
-def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path):
+def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path, capsys):
     "scripts/finetune_sweep.py (the chapter's recipe diagnostics): one short run per variant, each logged as one JSON line."
     import runpy
-    main = runpy.run_path(str(Path(__file__).resolve().parents[1]/"scripts"/"finetune_sweep.py"))["main"]
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1]/"scripts"/"finetune_sweep.py"))
+    main = script["main"]
     log = tmp_path/"sweep.jsonl"
     common = ["--start", "small_pretrained", "--small", str(tiny_bert), "--train-subset", "64", "--epochs", "1", "--lr", "1e-3",
               "--mixed-precision", "no", "--log", str(log)]
@@ -129,6 +130,13 @@ def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path):
     for r in rows:
         assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["test"] < 1
     assert all(0 < r["per_epoch"][0]["valid"] < 1 for r in rows[:2]) and rows[2]["per_epoch"][0]["valid"] is None  # seen reviews
+    main([*common, "--seed", "1"])  # a second seed of the first recipe: grouped with it, not a recipe of its own
+    groups = script["summarize"](log)
+    assert [g["seeds"] for g in groups] == [[0, 1], [0], [0]]
+    tests = [100*json.loads(l)["per_epoch"][-1]["test"] for l in log.read_text().splitlines()]
+    assert groups[0]["test"] == pytest.approx((tests[0] + tests[3])/2, abs=0.01) and groups[2]["valid"] is None
+    main(["--summarize", str(log)])
+    assert "train_on_validation=True" in capsys.readouterr().out
 
 
 def test_course_splits_cut_only_in_fast_mode(monkeypatch):
