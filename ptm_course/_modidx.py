@@ -544,6 +544,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                              'ptm_course/finetune.py'),
                                      'ptm_course.finetune.comparison_table': ( 'bert_finetuning.html#comparison_table',
                                                                                'ptm_course/finetune.py'),
+                                     'ptm_course.finetune.course_recipe': ('bert_finetuning.html#course_recipe', 'ptm_course/finetune.py'),
                                      'ptm_course.finetune.course_splits': ('bert_finetuning.html#course_splits', 'ptm_course/finetune.py'),
                                      'ptm_course.finetune.encode_reviews': ( 'bert_finetuning.html#encode_reviews',
                                                                              'ptm_course/finetune.py'),

@@ -252,7 +252,7 @@ def bench_bert(runs: int | None = None, device=None) -> dict:
     from_cache = time.perf_counter() - start < 0.5*json.loads((bert_dir/"pretraining.json").read_text())["seconds"]
     pre = json.loads((bert_dir/"pretraining.json").read_text())
     splits = course_splits()
-    with _quiet(): results = compare_starts(splits, seeds=seeds, device=device, **(dict(epochs=1) if fast else {}))
+    with _quiet(): results = compare_starts(splits, seeds=seeds, device=device)
     table = {r["start"]: r for r in comparison_table(results)}
     pct = lambda x: round(100*x, 2)
     out = dict(benchmark="bert", fast_mode=fast, device=str(device),

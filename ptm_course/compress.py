@@ -294,11 +294,11 @@ def ort_latency(session, feeds: dict[str, np.ndarray], runs: int = 100, warmup: 
 def minilm_reviews_dir(device=None) -> Path:
     "Chapter 6's fine-tuned MiniLM folder for this mode; fine-tuned now (and cached) if chapter 6 has not been run."
     from ptm_course.data import load_tokenizer
-    from ptm_course.finetune import RECIPES, classifier_from, course_splits, finetune_classifier
+    from ptm_course.finetune import classifier_from, course_recipe, course_splits, finetune_classifier
     folder = cache_dir("finetune")/f"minilm_reviews_{'fast' if is_fast() else 'full'}"
     if (folder/"config.json").exists(): return folder
     splits = course_splits()
-    recipe = {**RECIPES["minilm"], **fast_or_full(dict(epochs=1), {})}
+    recipe = course_recipe("minilm")
     finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), splits, seed=0, device=device, output_dir=folder,
                         desc="fine-tune MiniLM (chapter 6)", **recipe)
     return folder
@@ -535,11 +535,11 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
     "Chapter 5's small BERT fine-tuned on the reviews alone and taught by the classifier in `teacher_dir` (cached folders): {'alone'|'taught': (folder, results)}."
     from transformers import AutoModelForSequenceClassification
     from ptm_course.data import file_digest, load_tokenizer
-    from ptm_course.finetune import RECIPES, classifier_from, course_splits, finetune_classifier
+    from ptm_course.finetune import classifier_from, course_recipe, course_splits, finetune_classifier
     from ptm_course.text import small_bert_dir
     if splits is None:
         splits = course_splits()
-    recipe = {**RECIPES["small_pretrained"], **fast_or_full(dict(epochs=1), {})}
+    recipe = course_recipe("small_pretrained")
     out = {}
     weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]  # the cached students follow their start and teacher
     start, teacher_tag = weights(small_bert_dir()), weights(teacher_dir)

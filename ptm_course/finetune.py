@@ -21,9 +21,9 @@ from .text import count_parameters, small_bert_dir
 from .train import History, process_device, resolve_mixed_precision, train
 
 # %% auto #0
-__all__ = ['LABEL_NAMES', 'RECIPES', 'course_splits', 'encode_reviews', 'review_loader', 'classifier_from', 'evaluate_reviews',
-           'finetune_classifier', 'save_classifier', 'compare_starts', 'comparison_table', 'format_comparison',
-           'load_classifier', 'classify']
+__all__ = ['LABEL_NAMES', 'RECIPES', 'course_splits', 'encode_reviews', 'review_loader', 'classifier_from', 'course_recipe',
+           'evaluate_reviews', 'finetune_classifier', 'save_classifier', 'compare_starts', 'comparison_table',
+           'format_comparison', 'load_classifier', 'classify']
 
 # %% ../nbs/06_bert_finetuning.ipynb #c0a5e7d1
 def course_splits() -> dict[str, list[Review]]:
@@ -73,6 +73,10 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
 
 # %% ../nbs/06_bert_finetuning.ipynb #66523e6b
 RECIPES = {"minilm": dict(lr=1e-4, epochs=2), "small_pretrained": dict(lr=3e-4, epochs=3), "small_scratch": dict(lr=3e-4, epochs=3)}
+
+def course_recipe(start: str) -> dict:
+    "`RECIPES[start]`, cut to one epoch in fast mode (like `course_splits`)."
+    return {**RECIPES[start], **fast_or_full(dict(epochs=1), {})}
 
 @torch.no_grad()
 def evaluate_reviews(model, loader) -> dict[str, float]:
@@ -132,9 +136,9 @@ def save_classifier(model, tokenizer, output_dir, results: dict | None = None) -
 # %% ../nbs/06_bert_finetuning.ipynb #dbdd9cf6
 def compare_starts(splits: dict[str, list[Review]], starts=("minilm", "small_pretrained", "small_scratch"), seeds=(0, 1, 2),
                    tokenizer=None, device=None, keep: dict | None = None, recipes: dict | None = None, **kwargs) -> dict:
-    "Fine-tune each start with each seed (`RECIPES` per start); returns {(start, seed): (history, results)}; `keep={start: folder}` saves seed `seeds[0]`."
+    "Fine-tune each start with each seed (`course_recipe` per start, updated by `recipes`); returns {(start, seed): (history, results)}; `keep={start: folder}` saves seed `seeds[0]`."
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    recipes = {**RECIPES, **(recipes or {})}
+    recipes = {**{s: course_recipe(s) for s in RECIPES}, **(recipes or {})}
     out = {}
     for start in starts:
         for seed in seeds:

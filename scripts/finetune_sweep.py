@@ -140,7 +140,7 @@ def main(argv=None):
                     eval_loader=valid_loader, eval_fn=evaluate, eval_every=len(train_loader), mixed_precision=a.mixed_precision,
                     desc=f"{a.start} lr {a.lr:g}")
     rows = [r for r in history.rows if "test_accuracy" in r]
-    result = dict(vars(a), train_reviews=len(splits["train"]), seconds=round(time.perf_counter() - start), torch_threads=torch.get_num_threads(),
+    result = dict({k: v for k, v in vars(a).items() if k not in ("log", "summarize")}, train_reviews=len(splits["train"]), seconds=round(time.perf_counter() - start), torch_threads=torch.get_num_threads(),
                   per_epoch=[dict(valid=None if a.train_on_validation else round(r["accuracy"], 4), test=round(r["test_accuracy"], 4))
                              for r in rows])
     line = "RESULT " + json.dumps(result)

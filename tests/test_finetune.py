@@ -127,6 +127,7 @@ def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path, capsys):
         main([*common, *extra])
     rows = [json.loads(l) for l in log.read_text().splitlines()]
     assert len(rows) == 3 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"] and rows[2]["train_on_validation"]
+    assert not {"log", "summarize"} & set(rows[0])  # the recipe and its results, not where they were written
     for r in rows:
         assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["test"] < 1
     assert all(0 < r["per_epoch"][0]["valid"] < 1 for r in rows[:2]) and rows[2]["per_epoch"][0]["valid"] is None  # seen reviews
@@ -139,11 +140,13 @@ def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path, capsys):
     assert "train_on_validation=True" in capsys.readouterr().out
 
 
-def test_course_splits_cut_only_in_fast_mode(monkeypatch):
+def test_course_splits_and_recipes_cut_only_in_fast_mode(monkeypatch):
     full = review_splits(seed=0)
     monkeypatch.delenv("PTM_FAST", raising=False)
     assert {k: len(v) for k, v in FT.course_splits().items()} == {k: len(v) for k, v in full.items()}
+    assert all(FT.course_recipe(s) == FT.RECIPES[s] for s in FT.RECIPES)
     monkeypatch.setenv("PTM_FAST", "1")
     fast = FT.course_splits()
     assert {k: len(v) for k, v in fast.items()} == {"train": 256, "validation": 128, "test": 128}
     assert all(fast[k] == full[k][:len(fast[k])] for k in full)  # a prefix of the same split, not another one
+    assert all(FT.course_recipe(s) == dict(FT.RECIPES[s], epochs=1) for s in FT.RECIPES)
