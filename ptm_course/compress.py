@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -541,8 +542,9 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
         splits = course_splits()
     recipe = course_recipe("small_pretrained")
     out = {}
-    weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]  # the cached students follow their start and teacher
+    weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]  # the cached students follow their start, teacher and recipe
     start, teacher_tag = weights(small_bert_dir()), weights(teacher_dir)
+    start += "_" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
     for name in ("alone", "taught"):
         tag = start + (f"_{teacher_tag}" if name == "taught" else "")
         folder = cache_dir("compress")/f"small_bert_{name}_{'fast' if is_fast() else 'full'}_T{temperature:g}_a{alpha:g}_s{seed}_{tag}"

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel, BertPreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
 from .data import Review, load_tokenizer, pretrained_path, review_splits
@@ -21,9 +24,10 @@ from .text import count_parameters, small_bert_dir
 from .train import History, process_device, resolve_mixed_precision, train
 
 # %% auto #0
-__all__ = ['LABEL_NAMES', 'RECIPES', 'course_splits', 'encode_reviews', 'review_loader', 'classifier_from', 'course_recipe',
-           'evaluate_reviews', 'finetune_classifier', 'save_classifier', 'compare_starts', 'comparison_table',
-           'format_comparison', 'load_classifier', 'classify']
+__all__ = ['LABEL_NAMES', 'POOLINGS', 'HEADS', 'FINAL_FIT', 'RECIPES', 'course_splits', 'encode_reviews', 'review_loader',
+           'mean_pool', 'MeanPooledBertConfig', 'MeanPooledBertForSequenceClassification', 'classifier_from',
+           'course_recipe', 'evaluate_reviews', 'finetune_classifier', 'save_classifier', 'compare_starts',
+           'comparison_table', 'format_comparison', 'load_classifier', 'classify']
 
 # %% ../nbs/06_bert_finetuning.ipynb #c0a5e7d1
 def course_splits() -> dict[str, list[Review]]:
@@ -51,28 +55,83 @@ def review_loader(encoded: list[dict], tokenizer, batch_size: int = 32, shuffle:
     return torch.utils.data.DataLoader(encoded, batch_size=batch_size, sampler=sampler, shuffle=False,
                                        collate_fn=DataCollatorWithPadding(tokenizer))
 
+# %% ../nbs/06_bert_finetuning.ipynb #a7e3c2d1
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    "The mean of each sequence's token vectors over its real tokens (`attention_mask` 1): (batch, tokens, hidden) → (batch, hidden)."
+    if attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the hidden states are {tuple(hidden.shape)}: "
+                         "pass the (batch, tokens) mask the tokenizer returned with these input_ids.")
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden*mask).sum(1)/mask.sum(1).clamp(min=1)
+
+class MeanPooledBertConfig(BertConfig):
+    "A `BertConfig` whose own `model_type` lets `AutoConfig` and `AutoModelForSequenceClassification` load a saved mean-pooled classifier."
+    model_type = "mean_pooled_bert"
+
+class MeanPooledBertForSequenceClassification(BertPreTrainedModel):
+    "BERT with dropout and a linear classifier on `mean_pool` of its last hidden states: `BertForSequenceClassification` with the mean of the real tokens in place of the pooled `[CLS]`."
+    config_class = MeanPooledBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> SequenceClassifierOutput:
+        if input_ids is None: raise ValueError("input_ids is required: pass what the tokenizer returns, e.g. model(**tokenizer(texts, return_tensors='pt')).")
+        if attention_mask is None: attention_mask = torch.ones_like(input_ids)
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (batch, tokens): "
+                             "pass them as the tokenizer returns them, with padding=True for several texts.")
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs).last_hidden_state
+        logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+# importing ptm_course.finetune is what lets `AutoModelForSequenceClassification.from_pretrained` read these folders
+AutoConfig.register(MeanPooledBertConfig.model_type, MeanPooledBertConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(MeanPooledBertConfig, MeanPooledBertForSequenceClassification, exist_ok=True)
+
 # %% ../nbs/06_bert_finetuning.ipynb #16b4c059
-def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.PathLike | None = None):
-    "A `BertForSequenceClassification` with 2 labels: 'minilm' (bundled), 'small_pretrained' (chapter 5), 'small_scratch' (random), or any Hugging Face name or folder."
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+POOLINGS = ("mean", "cls")
+HEADS = {"minilm": "mean", "small_pretrained": "cls", "small_scratch": "cls"}  # each start's head, chosen on the validation split
+
+def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.PathLike | None = None, pooling: str | None = None):
+    "A 2-label classifier from 'minilm' (bundled), 'small_pretrained' (chapter 5), 'small_scratch' (random), or any Hugging Face name or folder; `pooling` 'mean' (`MeanPooledBertForSequenceClassification`) or 'cls' (`BertForSequenceClassification`), by default `HEADS[start]`, and for other models 'mean' on a BERT, else 'cls'."
+    from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
+    if pooling is not None and pooling not in POOLINGS: raise ValueError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}.")
     labels = dict(num_labels=2, id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
     seed_everything(seed)  # the new weights (classifier, pooler, or all of them) depend on the seed
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expected "newly initialized: classifier" notice, once per run, is noise here
     try:
         if start in ("small_pretrained", "small_scratch"):
-            folder = Path(small_bert) if small_bert is not None else small_bert_dir()
-            if start == "small_scratch":
-                return BertForSequenceClassification(BertConfig.from_pretrained(folder, **labels))
-            return BertForSequenceClassification.from_pretrained(folder, local_files_only=True, **labels)
-        path = pretrained_path(None if start == "minilm" else start)
-        return AutoModelForSequenceClassification.from_pretrained(path, **labels)
+            path, local = Path(small_bert) if small_bert is not None else small_bert_dir(), True
+        else:
+            path, local = pretrained_path(None if start == "minilm" else start), False
+        kind = AutoConfig.from_pretrained(path, local_files_only=local).model_type
+        bert = kind in ("bert", MeanPooledBertConfig.model_type)
+        pooling = pooling or HEADS.get(start, "mean" if bert else "cls")
+        if pooling == "cls":
+            if start == "small_scratch": return BertForSequenceClassification(BertConfig.from_pretrained(path, **labels))
+            return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local, **labels)
+        if not bert:
+            raise ValueError(f"{start} is a {kind!r} model; the mean-pooled head is built on BERT. "
+                             "Pass pooling='cls' for transformers' own classification head of that architecture.")
+        if start == "small_scratch":
+            return MeanPooledBertForSequenceClassification(MeanPooledBertConfig.from_pretrained(path, **labels))
+        return MeanPooledBertForSequenceClassification.from_pretrained(path, local_files_only=local, **labels)
     finally:
         hf_logging.set_verbosity(verbosity)
 
 # %% ../nbs/06_bert_finetuning.ipynb #66523e6b
-RECIPES = {"minilm": dict(lr=1e-4, epochs=2), "small_pretrained": dict(lr=3e-4, epochs=3), "small_scratch": dict(lr=3e-4, epochs=3)}
+FINAL_FIT = ("train", "validation")  # once a recipe is chosen on validation, the final model trains on both
+RECIPES = {"minilm": dict(lr=1e-4, epochs=2, train_on=FINAL_FIT), "small_pretrained": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT),
+           "small_scratch": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT)}
 
 def course_recipe(start: str) -> dict:
     "`RECIPES[start]`, cut to one epoch in fast mode (like `course_splits`)."
@@ -98,30 +157,34 @@ def evaluate_reviews(model, loader) -> dict[str, float]:
 def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr: float = 5e-5, epochs: int = 3,
                         batch_size: int = 32, warmup: float = 0.1, weight_decay: float = 0.01, max_length: int = 64,
                         seed: int = 0, device=None, output_dir=None, desc: str = "fine-tune", loss_fn=None,
-                        mixed_precision: str | None = "native") -> tuple[History, dict]:
-    "Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns (history, results). `loss_fn(model, batch)` replaces the model's own cross-entropy (chapter 7 distils with it). Defined in chapter 6."
+                        mixed_precision: str | None = "native", train_on=("train",)) -> tuple[History, dict]:
+    "Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns (history, results). It trains on the splits named in `train_on` and reports validation accuracy after every epoch unless validation is among them; `loss_fn(model, batch)` replaces the model's own cross-entropy (chapter 7 distils with it). Defined in chapter 6."
     from transformers import get_linear_schedule_with_warmup
     missing = {"train", "validation", "test"} - set(splits)
     if missing: raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing {sorted(missing)}.")
+    train_on = (train_on,) if isinstance(train_on, str) else tuple(train_on)
+    if not train_on or not set(train_on) <= {"train", "validation"}:
+        raise ValueError(f"train_on must name 'train' and optionally 'validation' (never 'test'), got {train_on}.")
     encoded = {k: encode_reviews(v, tokenizer, max_length) for k, v in splits.items()}
     seed_everything(seed)
-    train_loader = review_loader(encoded["train"], tokenizer, batch_size, shuffle=True, seed=seed)
-    valid_loader = review_loader(encoded["validation"], tokenizer, 128, shuffle=False)
+    fit = [e for k in train_on for e in encoded[k]]
+    train_loader = review_loader(fit, tokenizer, batch_size, shuffle=True, seed=seed)
+    evaluation = {} if "validation" in train_on else dict(  # validation accuracy after every epoch, unless it is trained on
+        eval_loader=review_loader(encoded["validation"], tokenizer, 128, shuffle=False), eval_fn=evaluate_reviews, eval_every=len(train_loader))
     steps = epochs*len(train_loader)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(warmup*steps)), steps)
-    tokens = sum(len(e["input_ids"]) for e in encoded["train"])*epochs
+    tokens = sum(len(e["input_ids"]) for e in fit)*epochs
     start = time.perf_counter()
     history = train(model, optimizer, train_loader, loss_fn or (lambda m, b: m(**b).loss), epochs=epochs, scheduler=scheduler, grad_clip=1.0,
-                    eval_loader=valid_loader, eval_fn=evaluate_reviews, eval_every=len(train_loader), device=device,
-                    mixed_precision=mixed_precision, desc=desc)
+                    device=device, mixed_precision=mixed_precision, desc=desc, **evaluation)
     seconds = time.perf_counter() - start
     test = evaluate_reviews(model, review_loader(encoded["test"], tokenizer, 128, shuffle=False))
-    results = dict(test_accuracy=test["accuracy"], test_loss=test["val_loss"], valid_accuracy=history.last("accuracy"),
+    results = dict(test_accuracy=test["accuracy"], test_loss=test["val_loss"], valid_accuracy=history.last("accuracy", None),
                    seconds=seconds, tokens_per_s=tokens/seconds, parameters=count_parameters(model), steps=steps,
-                   epochs=epochs, lr=lr, seed=seed, device=str(next(model.parameters()).device),
+                   epochs=epochs, lr=lr, seed=seed, trained_on=list(train_on), train_reviews=len(fit), device=str(next(model.parameters()).device),
                    precision=resolve_mixed_precision(mixed_precision, process_device(device)))
     if output_dir is not None: save_classifier(model, tokenizer, output_dir, results)
     return history, results

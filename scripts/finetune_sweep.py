@@ -2,14 +2,16 @@
 validation and the test accuracy after every epoch, as one `RESULT {json}` line (appended to `--log`).
 
 The chapter's recipes (`ptm_course.finetune.RECIPES`) are chosen on the *validation* accuracy; the
-test accuracy is printed for the record only. Variants the chapter does not use are here so that what
-was tried can be re-run: a mean-pooling head (the head `all-MiniLM-L6-v2` was trained with) and
+test accuracy is printed for the record only. The head is the mean of the token vectors (`--pool mean`,
+the pooling `all-MiniLM-L6-v2` was trained with) or the seed's pooled `[CLS]` (`--pool pooler`); by
+default the one the chapter uses for the start (`ptm_course.finetune.HEADS`).
+Variants the chapter does not use are here so that what was tried can be re-run:
 layer-wise learning-rate decay (`--llrd`, with its own `--head-lr`); for chapter 5's model, fresh random
 embeddings for the token ids its pretraining never read (`--refresh-unread`: masked-LM training with a
 tied output layer pushes all of them towards one shared vector); a random subset of the training
-reviews (`--train-subset`); and the usual last step once a recipe is chosen, training on the training and
-the validation reviews together (`--train-on-validation`: the validation accuracy is then on seen
-reviews, and is logged as null).
+reviews (`--train-subset`); and the last step once a recipe is chosen, which the chapter takes, training
+on the training and the validation reviews together (`--train-on-validation`: the validation accuracy
+is then on seen reviews, and is logged as null).
 
     python scripts/finetune_sweep.py --start minilm --lr 1e-4 --epochs 2
     python scripts/finetune_sweep.py --start small_pretrained --small ~/.cache/ptm_course/text/<folder> --lr 3e-4 --epochs 3
@@ -20,32 +22,15 @@ import json
 import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from ptm_course.core import seed_everything
 from ptm_course.data import load_tokenizer, review_splits
-from ptm_course.finetune import classifier_from, encode_reviews, evaluate_reviews, review_loader
+from ptm_course.finetune import MeanPooledBertForSequenceClassification, classifier_from, encode_reviews, evaluate_reviews, review_loader
 from ptm_course.text import austen_mlm_data
 from ptm_course.train import train
-
-
-class MeanPooled(nn.Module):
-    "A `BertForSequenceClassification`'s encoder and classifier, on the mean of the token vectors instead of the pooled [CLS]."
-    def __init__(self, clf):
-        super().__init__()
-        self.bert, self.dropout, self.classifier = clf.bert, clf.dropout, clf.classifier
-
-    def forward(self, input_ids, attention_mask, labels=None, **kwargs):
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        w = attention_mask.unsqueeze(-1).to(h.dtype)
-        logits = self.classifier(self.dropout((h*w).sum(1)/w.sum(1)))
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SimpleNamespace(logits=logits, loss=loss)
 
 
 def refresh_unread_embeddings(model, seed: int):
@@ -101,7 +86,7 @@ def main(argv=None):
     p.add_argument("--small", default=None, help="chapter 5's folder for small_pretrained / small_scratch (default: the cached one)")
     p.add_argument("--lr", type=float, default=1e-4); p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pool", default="pooler", choices=("pooler", "mean"))
+    p.add_argument("--pool", default=None, choices=("mean", "pooler"), help="mean of the token vectors, or the pooled [CLS] (default: the chapter's head for the start)")
     p.add_argument("--llrd", type=float, default=1.0); p.add_argument("--head-lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=0.01); p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--refresh-unread", action="store_true"); p.add_argument("--train-subset", type=int, default=None)
@@ -122,9 +107,9 @@ def main(argv=None):
         reviews = list(splits["train"]); random.Random(0).shuffle(reviews)
         splits = dict(splits, train=reviews[:a.train_subset])
     if a.train_on_validation: splits = dict(splits, train=splits["train"] + splits["validation"])
-    model = classifier_from(a.start, seed=a.seed, small_bert=a.small)
+    model = classifier_from(a.start, seed=a.seed, small_bert=a.small, pooling={"mean": "mean", "pooler": "cls", None: None}[a.pool])
+    a.pool = "mean" if isinstance(model, MeanPooledBertForSequenceClassification) else "pooler"  # logged as the head it got
     if a.refresh_unread: refresh_unread_embeddings(model, a.seed)
-    if a.pool == "mean": model = MeanPooled(model)
     enc = {k: encode_reviews(v, tokenizer) for k, v in splits.items()}
     seed_everything(a.seed)
     train_loader = review_loader(enc["train"], tokenizer, a.batch_size, shuffle=True, seed=a.seed)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from ptm_course import finetune as FT
 from ptm_course import text as T
@@ -60,12 +60,60 @@ def test_three_starts(tiny_bert):
     again = FT.classifier_from("small_pretrained", seed=0, small_bert=tiny_bert)
     assert torch.equal(again.classifier.weight, pre.classifier.weight)  # the new head depends on the seed only
     assert not torch.equal(FT.classifier_from("small_pretrained", seed=1, small_bert=tiny_bert).classifier.weight, pre.classifier.weight)
+    assert type(pre) is type(scratch) is BertForSequenceClassification  # the small networks' head chosen on validation: [CLS]
     minilm = FT.classifier_from("minilm")
-    assert isinstance(minilm, BertForSequenceClassification) and minilm.config.hidden_size == 384
+    assert isinstance(minilm, FT.MeanPooledBertForSequenceClassification) and minilm.config.hidden_size == 384
+    assert not hasattr(minilm.bert, "pooler") or minilm.bert.pooler is None  # the mean-pooled head has no pooler
+    seed_head = FT.classifier_from("minilm", pooling="cls")
+    assert type(seed_head) is BertForSequenceClassification
+    assert torch.equal(q(seed_head), q(minilm))  # the same pretrained encoder under either head
+    assert type(FT.classifier_from("small_scratch", small_bert=tiny_bert, pooling="mean")) is FT.MeanPooledBertForSequenceClassification
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        FT.classifier_from("minilm", pooling="max")
+
+
+def test_mean_pooled_head_reads_only_the_real_tokens(tiny_bert, tokenizer):
+    "The logits come from the masked mean of the encoder's last hidden states: padding changes nothing, and a wrong mask is refused."
+    from ptm_course.checks.bert import check_mean_pooling
+    check_mean_pooling(FT.mean_pool)  # the library passes the pooling exercise's checker
+    model = FT.classifier_from("small_pretrained", small_bert=tiny_bert, pooling="mean").eval()
+    enc = tokenizer(["a fine film", "a much longer and rather duller film than that"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+        hidden = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        real = enc["attention_mask"].bool()
+        by_hand = torch.stack([model.classifier(h[m].mean(0)) for h, m in zip(hidden, real)])
+        alone = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
+    torch.testing.assert_close(logits, by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:1], alone, atol=1e-5, rtol=1e-5)  # padded in a batch or alone: the same logits
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"][:, 1:])
+    with pytest.raises(ValueError, match="attention_mask"):
+        FT.mean_pool(hidden, enc["attention_mask"][:1])
+
+
+def test_mean_pooled_head_exports_to_onnx(tiny_bert, tokenizer, tmp_path):
+    from ptm_course import compress as C
+    model = FT.classifier_from("small_pretrained", small_bert=tiny_bert, pooling="mean").eval()
+    path = C.export_text_onnx(model, tokenizer, tmp_path/"mean.onnx")
+    batches = C.review_batches(["short", "a much longer review than any example the export saw, with many words", "ok"], tokenizer, batch_size=2)
+    torch.testing.assert_close(C.text_logits_onnx(C.ort_session(path), batches), C.text_logits_torch(model, batches), atol=1e-4, rtol=1e-4)
+
+
+def test_final_fit_trains_on_training_and_validation(tokenizer, tiny_bert, small_splits):
+    model = FT.classifier_from("small_scratch", small_bert=tiny_bert)
+    history, results = FT.finetune_classifier(model, tokenizer, small_splits, lr=1e-3, epochs=1, batch_size=16, seed=0, device="cpu",
+                                              desc="test", train_on=FT.FINAL_FIT, mixed_precision="no")
+    assert results["train_reviews"] == 96 + 48 and results["steps"] == 9 and results["trained_on"] == ["train", "validation"]
+    assert results["valid_accuracy"] is None and not any("accuracy" in r for r in history.rows)  # no accuracy on reviews it trained on
+    assert 0 <= results["test_accuracy"] <= 1
+    for bad in (("train", "test"), ()):
+        with pytest.raises(ValueError, match="train_on"):
+            FT.finetune_classifier(model, tokenizer, small_splits, train_on=bad)
 
 
 def test_finetune_save_reload_and_classify(tokenizer, tiny_bert, small_splits, tmp_path):
-    model = FT.classifier_from("small_pretrained", small_bert=tiny_bert)
+    model = FT.classifier_from("small_pretrained", small_bert=tiny_bert, pooling="mean")
     history, results = FT.finetune_classifier(model, tokenizer, small_splits, lr=1e-3, epochs=2, batch_size=16, seed=0,
                                               device="cpu", output_dir=tmp_path/"clf", desc="test")
     assert results["steps"] == 2*6 and len(history) == 12 and "accuracy" in history.rows[5] and "accuracy" in history.rows[-1]
@@ -81,7 +129,8 @@ def test_finetune_save_reload_and_classify(tokenizer, tiny_bert, small_splits, t
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["probabilities"][r["label"]] >= 0.5
     acc = sum(r["label_id"] == rev.label for r, rev in zip(out, small_splits["test"]))/len(texts)
     assert abs(acc - results["test_accuracy"]) < 1e-9  # the reloaded folder gives the accuracy measured after training
-    reloaded = BertForSequenceClassification.from_pretrained(tmp_path/"clf", local_files_only=True).eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path/"clf", local_files_only=True).eval()
+    assert type(reloaded) is FT.MeanPooledBertForSequenceClassification and reloaded.config.model_type == "mean_pooled_bert"
     enc = tokenizer(texts[0], return_tensors="pt")
     with torch.no_grad(): seed_style = reloaded(**enc).logits.argmax(dim=1).item()  # the seed's inference snippet
     assert seed_style == out[0]["label_id"]
@@ -126,7 +175,7 @@ def test_finetune_sweep_script_runs_and_logs(tiny_bert, tmp_path, capsys):
     for extra in ([], ["--pool", "mean", "--llrd", "0.8", "--head-lr", "1e-2", "--refresh-unread"], ["--train-on-validation"]):
         main([*common, *extra])
     rows = [json.loads(l) for l in log.read_text().splitlines()]
-    assert len(rows) == 3 and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"] and rows[2]["train_on_validation"]
+    assert len(rows) == 3 and rows[0]["pool"] == "pooler" and rows[1]["pool"] == "mean" and rows[1]["refresh_unread"] and rows[2]["train_on_validation"]
     assert not {"log", "summarize"} & set(rows[0])  # the recipe and its results, not where they were written
     for r in rows:
         assert len(r["per_epoch"]) == 1 and 0 < r["per_epoch"][0]["test"] < 1
