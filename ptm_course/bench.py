@@ -239,7 +239,7 @@ def format_bench(res: dict) -> str:
 # %% ../nbs/98_bench.ipynb #b378d337
 def bench_bert(runs: int | None = None, device=None) -> dict:
     "Chapter 5's pretraining figures and chapter 6's fine-tuning comparison (`runs` seeds per start), with the hardware named."
-    from ptm_course.finetune import compare_starts, comparison_table, course_splits
+    from ptm_course.finetune import HEADS, compare_starts, comparison_table, course_splits
     from ptm_course.text import small_bert_dir
     device = get_device(device)
     fast = is_fast()
@@ -262,8 +262,9 @@ def bench_bert(runs: int | None = None, device=None) -> dict:
                masked_accuracy=pct(pre["masked_accuracy"]), pretraining_s=round(pre["seconds"], 1),
                pretraining_tokens_per_s=round(pre["tokens_per_s"]), pretraining_steps=pre["steps"], pretraining_device=pre["device"],
                pretraining_from_cache=from_cache, seeds=len(seeds), test_reviews=len(splits["test"]),
+               trained_on=results[("minilm", seeds[0])][1]["trained_on"], train_reviews=results[("minilm", seeds[0])][1]["train_reviews"],
                finetuning={s: dict(accuracy=pct(r["accuracy"]), std=pct(r["std"]), seconds=round(r["seconds"], 1),
-                                   tokens_per_s=round(r["tokens_per_s"]), parameters=r["parameters"]) for s, r in table.items()},
+                                   tokens_per_s=round(r["tokens_per_s"]), parameters=r["parameters"], head=HEADS.get(s)) for s, r in table.items()},
                hardware=hw)
     try: out["hardware"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError): pass
@@ -272,7 +273,8 @@ def bench_bert(runs: int | None = None, device=None) -> dict:
 def format_bench_bert(res: dict) -> str:
     "The table of a `bench_bert` result, as text."
     lines = [f"Rotten Tomatoes test accuracy ({res['test_reviews']:,} reviews, {res['seeds']} seed(s) per start) on {res['device']} "
-             f"({res['hardware']['cpu']}, {res['hardware']['torch_threads']} threads)",
+             f"({res['hardware']['cpu']}, {res['hardware']['torch_threads']} threads)"
+             + (f"; trained on {res['train_reviews']:,} reviews ({' + '.join(res['trained_on'])})" if "train_reviews" in res else ""),
              f"{'start':18s} {'accuracy %':>11} {'fine-tune s':>12} {'tokens/s':>10} {'parameters':>11}"]
     for start, r in res["finetuning"].items():
         lines.append(f"{start:18s} {r['accuracy']:>7.2f} ± {r['std']:<4.2f} {r['seconds']:>10.0f} {r['tokens_per_s']:>10,} {r['parameters']/1e6:>10.1f}M")

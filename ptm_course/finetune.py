@@ -163,7 +163,7 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
     missing = {"train", "validation", "test"} - set(splits)
     if missing: raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing {sorted(missing)}.")
     train_on = (train_on,) if isinstance(train_on, str) else tuple(train_on)
-    if not train_on or not set(train_on) <= {"train", "validation"}:
+    if "train" not in train_on or not set(train_on) <= {"train", "validation"}:
         raise ValueError(f"train_on must name 'train' and optionally 'validation' (never 'test'), got {train_on}.")
     encoded = {k: encode_reviews(v, tokenizer, max_length) for k, v in splits.items()}
     seed_everything(seed)

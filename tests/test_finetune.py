@@ -107,7 +107,7 @@ def test_final_fit_trains_on_training_and_validation(tokenizer, tiny_bert, small
     assert results["train_reviews"] == 96 + 48 and results["steps"] == 9 and results["trained_on"] == ["train", "validation"]
     assert results["valid_accuracy"] is None and not any("accuracy" in r for r in history.rows)  # no accuracy on reviews it trained on
     assert 0 <= results["test_accuracy"] <= 1
-    for bad in (("train", "test"), ()):
+    for bad in (("train", "test"), (), ("validation",)):
         with pytest.raises(ValueError, match="train_on"):
             FT.finetune_classifier(model, tokenizer, small_splits, train_on=bad)
 
