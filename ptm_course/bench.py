@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -19,33 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
+from .core import cache_dir, fast_or_full, get_device, hardware_info, is_fast, seed_everything
 from .data import DeviceLoader, mnist_root, mnist_tensors
-from .vision import MnistCNN, PublicFastCNN, evaluate_accuracy, train_fast_mnist
+from .vision import MnistCNN, PublicFastCNN, count_parameters, evaluate_accuracy, train_fast_mnist
 
 # %% auto #0
-__all__ = ['CLOCK', 'cpu_model', 'hardware_info', 'ours_recipe', 'fastest_public_recipe', 'examples_recipe', 'load_bench_data',
-           'time_to_accuracy', 'summarize', 'bench_mnist', 'format_bench', 'bench_bert', 'format_bench_bert',
-           'bench_cli']
-
-# %% ../nbs/98_bench.ipynb #e1ee394a
-def cpu_model() -> str:
-    "The CPU's model name (from /proc/cpuinfo on Linux, else `platform`)."
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-def hardware_info(device=None) -> dict:
-    "What the benchmark ran on: CPU model, cores, torch threads, torch version, device (and GPU name), load average."
-    device = get_device(device)
-    info = dict(cpu=cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform(), device=str(device))
-    if device.type == "cuda": info["gpu"] = torch.cuda.get_device_name(device)
-    try: info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError): info["load_average_1min_at_start"] = None
-    return info
+__all__ = ['CLOCK', 'ours_recipe', 'fastest_public_recipe', 'examples_recipe', 'load_bench_data', 'time_to_accuracy', 'summarize',
+           'bench_mnist', 'format_bench', 'bench_bert', 'format_bench_bert', 'bench_compress', 'bench_cli']
 
 # %% ../nbs/98_bench.ipynb #fd2450ae
 def ours_recipe(data: dict, seed: int, device, epochs: float = 1) -> list[tuple[float, float, float]]:
@@ -283,12 +262,138 @@ def format_bench_bert(res: dict) -> str:
                  f"{res['pretraining_device']}{', measured when the cached folder was made' if res['pretraining_from_cache'] else ''})")
     return "\n".join(lines)
 
+# %% ../nbs/98_bench.ipynb #dec8cb64
+def _compress_row(method, model_name, parameters, size_mb, lat1, lat64, accuracy, loss) -> dict:
+    "One row of the compression table, rounded as it is shown."
+    return dict(model=model_name, method=method, parameters=parameters, size_mb=round(size_mb, 3), latency_b1_ms=round(lat1, 4),
+                latency_b64_ms=round(lat64, 4), accuracy=round(accuracy, 3), output_loss=float(f"{loss:.3g}"))
+
+def _compress_cnn_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]:
+    "Chapter 7's MNIST CNN, fp32 and compressed every way: the rows, and what the summary needs."
+    import copy
+    from ptm_course import compress as C
+    xtr, ytr = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
+    xte, yte = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
+    cnn = C.mnist_teacher(xtr, ytr, xte, yte, device=device)
+    cnn_cpu = copy.deepcopy(cnn).cpu().to(memory_format=torch.contiguous_format).eval()
+    base = C.logits_of(cnn_cpu, xte.cpu())
+    x1, x64 = xte[:1].cpu().float().contiguous(), xte[:64].cpu().float().contiguous()
+    def torch_row(method, m):
+        m = copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format).eval()
+        logits = C.logits_of(m, xte.cpu())
+        return _compress_row(method, "MNIST CNN", count_parameters(m), C.state_size_mb(m), C.torch_latency(m, x1, runs)["p50"],
+                             C.torch_latency(m, x64, runs)["p50"], C.accuracy_of(logits, yte.cpu()), C.output_loss(base, logits))
+    rows = [torch_row("fp32, PyTorch eager", cnn_cpu)]
+    paths = C.export_cnn(cnn_cpu, work, xtr[:256])
+    for kind in ("fp32", "int8"):
+        s = C.ort_session(paths[kind])
+        logits = C.cnn_logits_onnx(s, xte)
+        rows.append(_compress_row(f"{kind}, ONNX Runtime" + (" (static)" if kind == "int8" else ""), "MNIST CNN",
+                                  count_parameters(cnn_cpu), C.file_size_mb(paths[kind]),
+                                  C.ort_latency(s, {"images": x1.numpy()}, runs)["p50"],
+                                  C.ort_latency(s, {"images": x64.numpy()}, runs)["p50"],
+                                  C.accuracy_of(logits, yte.cpu()), C.output_loss(base, logits)))
+    pruned, prune_rows = C.cached_pruned_cnn(cnn, xtr, ytr, xte, yte, device=device)
+    row = torch_row(f"pruned {C.sparsity(pruned):.0%} unstructured, retrained (size: CSR)", pruned)
+    row["size_mb"] = round(C.state_size_mb(copy.deepcopy(pruned).cpu(), sparse=True), 3)
+    rows.append(row)
+    slim, _ = C.cached_slim_cnn(cnn, xtr, ytr, xte, yte, keep=0.5, device=device)
+    rows.append(torch_row("50 % of channels (structured), retrained", slim))
+    seeds = fast_or_full((0,), (0, 1, 2))
+    students = C.mnist_students(cnn, xtr, ytr, seeds, device=device)
+    kd_accs = {name: [evaluate_accuracy(students[(name, seed)], xte, yte) for seed in seeds] for name in ("alone", "taught")}
+    for name in ("alone", "taught"):
+        label = f"MLP student, {name}" + (" (distilled)" if name == "taught" else "") + f", seed {seeds[0]}"
+        rows.append(torch_row(label, students[(name, seeds[0])]))
+    return rows, dict(prune_rows=prune_rows, kd_accs=kd_accs, seeds=seeds)
+
+def _compress_minilm_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]:
+    "Chapter 6's fine-tuned MiniLM, fp32, int8 three ways, and its distilled students: the rows and the students' accuracy."
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from ptm_course import compress as C
+    from ptm_course.finetune import course_splits
+    folder = C.minilm_reviews_dir(device)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    minilm = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
+    reviews = course_splits()["test"]
+    labels = torch.tensor([r.label for r in reviews])
+    batches = C.review_batches([r.text for r in reviews], tok)
+    base = C.text_logits_torch(minilm.cpu(), batches)
+    one = C.review_batches([reviews[0].text], tok)[0]
+    many = C.review_batches([r.text for r in reviews[:64]], tok)[0]
+    truns = max(5, runs//2)
+    def torch_row(method, m):
+        m = m.cpu().eval()
+        logits = C.text_logits_torch(m, batches)
+        size = sum(p.numel()*p.element_size() for p in m.state_dict().values())/1e6
+        as_tensors = lambda feed: {k: torch.from_numpy(v) for k, v in feed.items()}
+        return _compress_row(method, "MiniLM", count_parameters(m), size, C.torch_latency(m, as_tensors(one), truns)["p50"],
+                             C.torch_latency(m, as_tensors(many), truns)["p50"], C.accuracy_of(logits, labels),
+                             C.output_loss(base, logits))
+    rows = [torch_row("fp32, PyTorch eager", minilm)]
+    rows[-1]["size_mb"] = round((folder/"model.safetensors").stat().st_size/1e6, 3)
+    paths = C.export_text_classifier(minilm, tok, work)
+    for kind in ("fp32", "int8", "int8, embeddings per tensor", "int8, embeddings fp32"):
+        s = C.ort_session(paths[kind])
+        logits = C.text_logits_onnx(s, batches)
+        rows.append(_compress_row(f"{kind}, ONNX Runtime" + (" (dynamic)" if kind.startswith("int8") else ""), "MiniLM",
+                                  count_parameters(minilm), C.file_size_mb(paths[kind]), C.ort_latency(s, one, truns)["p50"],
+                                  C.ort_latency(s, many, truns)["p50"], C.accuracy_of(logits, labels), C.output_loss(base, logits)))
+    students_acc = {}
+    for name, (student_dir, _) in C.text_students(folder, device=device).items():
+        student = AutoModelForSequenceClassification.from_pretrained(student_dir, local_files_only=True)
+        rows.append(torch_row(f"small BERT student, {name}" + (" (distilled)" if name == "taught" else ""), student))
+        students_acc[name] = rows[-1]["accuracy"]
+    return rows, students_acc
+
+def _compress_summary(rows: list[dict], cnn: dict, text_students_acc: dict) -> dict:
+    "The headline figures of the compression table: accuracies, size ratios, speed-ups."
+    from ptm_course.compress import gap_recovered
+    by = {(r["model"], r["method"]): r for r in rows}
+    cnn_fp32, cnn_int8 = by[("MNIST CNN", "fp32, PyTorch eager")], by[("MNIST CNN", "int8, ONNX Runtime (static)")]
+    m_fp32, m_int8 = by[("MiniLM", "fp32, PyTorch eager")], by[("MiniLM", "int8, ONNX Runtime (dynamic)")]
+    slim = by[("MNIST CNN", "50 % of channels (structured), retrained")]
+    kd_accs, prune_rows = cnn["kd_accs"], cnn["prune_rows"]
+    row90 = next(r for r in prune_rows if abs(r["sparsity"] - 0.9) < 0.005)
+    alone, taught = (round(float(statistics.fmean(kd_accs[n])), 3) for n in ("alone", "taught"))
+    return dict(
+        cnn_fp32_acc=cnn_fp32["accuracy"], cnn_int8_acc=cnn_int8["accuracy"],
+        cnn_int8_size_ratio=round(by[("MNIST CNN", "fp32, ONNX Runtime")]["size_mb"]/cnn_int8["size_mb"], 3),
+        minilm_fp32_acc=m_fp32["accuracy"], minilm_int8_acc=m_int8["accuracy"],
+        minilm_int8_size_ratio=round(m_fp32["size_mb"]/m_int8["size_mb"], 3),
+        minilm_int8_fp32_embeddings_acc=by[("MiniLM", "int8, embeddings fp32, ONNX Runtime (dynamic)")]["accuracy"],
+        minilm_int8_per_tensor_embeddings_acc=by[("MiniLM", "int8, embeddings per tensor, ONNX Runtime (dynamic)")]["accuracy"],
+        minilm_int8_speedup_b1=round(m_fp32["latency_b1_ms"]/m_int8["latency_b1_ms"], 3),
+        minilm_int8_speedup_b64=round(m_fp32["latency_b64_ms"]/m_int8["latency_b64_ms"], 3),
+        cnn_pruned90_acc=round(row90["accuracy_retrained"], 3), cnn_pruning_schedule=prune_rows,
+        structured_speedup=round(cnn_fp32["latency_b64_ms"]/slim["latency_b64_ms"], 3),
+        structured_speedup_b1=round(cnn_fp32["latency_b1_ms"]/slim["latency_b1_ms"], 3),
+        structured_acc=slim["accuracy"],
+        kd_teacher_acc=cnn_fp32["accuracy"], kd_student_alone_acc=alone, kd_student_taught_acc=taught,
+        kd_seeds=list(cnn["seeds"]), kd_student_alone_accs=kd_accs["alone"], kd_student_taught_accs=kd_accs["taught"],
+        kd_gap_recovered=(round(gap_recovered(alone, taught, cnn_fp32["accuracy"]), 3)
+                          if cnn_fp32["accuracy"] > alone else None),
+        text_kd_student_alone_acc=text_students_acc["alone"], text_kd_student_taught_acc=text_students_acc["taught"],
+        text_kd_teacher_acc=m_fp32["accuracy"])
+
+def bench_compress(runs: int | None = None, device=None) -> dict:
+    """Every compression method of chapter 7 next to its fp32 baseline, measured in one run.
+
+    The `ptm-course bench compress` figures: the MNIST CNN's rows, MiniLM's rows, then their summary."""
+    device = get_device(device)
+    runs = runs or fast_or_full(10, 200)
+    start = time.perf_counter()
+    work = cache_dir("compress", "bench")
+    cnn_rows, cnn = _compress_cnn_rows(runs, work, device)
+    text_rows, text_students_acc = _compress_minilm_rows(runs, work, device)
+    rows = cnn_rows + text_rows
+    return dict(**_compress_summary(rows, cnn, text_students_acc), rows=rows, runs=runs,
+                threads=torch.get_num_threads(), mode="fast" if is_fast() else "full",
+                seconds=round(time.perf_counter() - start, 1), **hardware_info(device))
+
 # %% ../nbs/98_bench.ipynb #e6f9b468
 def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) -> int:
     "Run benchmark `name` ('mnist', 'bert', 'compress' or 'deploy'), print its table and, last, one JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."
-    def compress(runs):  # chapter 7's benchmark lives with its chapter; imported only when asked for (it loads ONNX Runtime)
-        from ptm_course.compress import bench_compress
-        return bench_compress(runs=runs)
     def show_compress(res):
         from ptm_course.compress import format_compress
         return format_compress(res)
@@ -299,7 +404,7 @@ def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) 
         from ptm_course.deploy import format_deploy
         return format_deploy(res)
     known = {"mnist": (bench_mnist, format_bench, ("recipes", "clock")), "bert": (lambda runs: bench_bert(runs=runs), format_bench_bert, ("finetuning",)),
-             "compress": (compress, show_compress, ("rows", "cnn_pruning_schedule")),
+             "compress": (bench_compress, show_compress, ("rows", "cnn_pruning_schedule")),
              "deploy": (deploy, show_deploy, ("latency_rows", "serve_statuses"))}
     if name not in known:
         print(f"Unknown benchmark {name!r}; available: {', '.join(sorted(known))}.", file=sys.stderr)

@@ -35,7 +35,7 @@ __all__ = ['EMBEDDINGS', 'MNIST_KD', 'quant_range', 'qparams', 'quantize', 'dequ
            'export_text_classifier', 'prunable', 'sparsity', 'prune_by_magnitude', 'remove_pruning',
            'iterative_pruning', 'cached_pruned_cnn', 'state_size_mb', 'SlimCNN', 'prune_channels', 'cached_slim_cnn',
            'mlp_student', 'distill_mnist', 'gap_recovered', 'mnist_students', 'distillation_step', 'text_students',
-           'format_compress', 'bench_compress']
+           'format_compress']
 
 # %% ../nbs/07_compression.ipynb #67ebf442
 def quant_range(bits: int = 8, symmetric: bool = False) -> tuple[int, int]:
@@ -559,10 +559,6 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
     return out
 
 # %% ../nbs/07_compression.ipynb #1511f2c8
-def _row(method, model_name, parameters, size_mb, lat1, lat64, accuracy, loss):
-    return dict(model=model_name, method=method, parameters=parameters, size_mb=round(size_mb, 3), latency_b1_ms=round(lat1, 4),
-                latency_b64_ms=round(lat64, 4), accuracy=round(accuracy, 3), output_loss=float(f"{loss:.3g}"))
-
 def format_compress(res: dict) -> str:
     "The benchmark's table as Markdown."
     lines = ["| model | method | parameters | size MB | latency b1 ms | latency b64 ms | accuracy % | output loss (nats) |",
@@ -573,99 +569,3 @@ def format_compress(res: dict) -> str:
     lines.append(f"\n{res['device']}; {res['threads']} threads; latency: median of {res['runs']} runs after warm-up")
     return "\n".join(lines)
 
-def bench_compress(runs: int | None = None, device=None) -> dict:
-    "Every compression method of chapter 7 next to its fp32 baseline, measured in one run: the `ptm-course bench compress` figures."
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from ptm_course.bench import hardware_info
-    from ptm_course.finetune import course_splits
-    device = get_device(device)
-    runs = runs or fast_or_full(10, 200)
-    start = time.perf_counter()
-    xtr, ytr = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
-    xte, yte = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
-    work = cache_dir("compress", "bench")
-    cnn = mnist_teacher(xtr, ytr, xte, yte, device=device)
-    cnn_cpu = copy.deepcopy(cnn).cpu().to(memory_format=torch.contiguous_format).eval()
-    base = logits_of(cnn_cpu, xte.cpu())
-    x1, x64 = xte[:1].cpu().float().contiguous(), xte[:64].cpu().float().contiguous()
-    def torch_row(method, m, name="MNIST CNN"):
-        m = copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format).eval()
-        logits = logits_of(m, xte.cpu())
-        return _row(method, name, count_parameters(m), state_size_mb(m), torch_latency(m, x1, runs)["p50"],
-                    torch_latency(m, x64, runs)["p50"], accuracy_of(logits, yte.cpu()), output_loss(base, logits))
-    rows = [torch_row("fp32, PyTorch eager", cnn_cpu)]
-    paths = export_cnn(cnn_cpu, work, xtr[:256])
-    for kind in ("fp32", "int8"):
-        s = ort_session(paths[kind])
-        logits = cnn_logits_onnx(s, xte)
-        rows.append(_row(f"{kind}, ONNX Runtime" + (" (static)" if kind == "int8" else ""), "MNIST CNN", count_parameters(cnn_cpu),
-                         file_size_mb(paths[kind]), ort_latency(s, {"images": x1.numpy()}, runs)["p50"],
-                         ort_latency(s, {"images": x64.numpy()}, runs)["p50"], accuracy_of(logits, yte.cpu()), output_loss(base, logits)))
-    pruned, prune_rows = cached_pruned_cnn(cnn, xtr, ytr, xte, yte, device=device)
-    row90 = next(r for r in prune_rows if abs(r["sparsity"] - 0.9) < 0.005)
-    r = torch_row(f"pruned {sparsity(pruned):.0%} unstructured, retrained (size: CSR)", pruned)
-    r["size_mb"] = round(state_size_mb(copy.deepcopy(pruned).cpu(), sparse=True), 3)
-    rows.append(r)
-    slim, _ = cached_slim_cnn(cnn, xtr, ytr, xte, yte, keep=0.5, device=device)
-    rows.append(torch_row("50 % of channels (structured), retrained", slim))
-    seeds = fast_or_full((0,), (0, 1, 2))
-    students = mnist_students(cnn, xtr, ytr, seeds, device=device)
-    kd_accs = {name: [evaluate_accuracy(students[(name, seed)], xte, yte) for seed in seeds] for name in ("alone", "taught")}
-    for name in ("alone", "taught"):
-        rows.append(torch_row(f"MLP student, {name}" + (" (distilled)" if name == "taught" else "") + f", seed {seeds[0]}", students[(name, seeds[0])]))
-    # MiniLM
-    folder = minilm_reviews_dir(device)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    minilm = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
-    reviews = course_splits()["test"]
-    labels = torch.tensor([r.label for r in reviews])
-    batches = review_batches([r.text for r in reviews], tok)
-    text_base = text_logits_torch(minilm.cpu(), batches)
-    one = review_batches([reviews[0].text], tok)[0]
-    many = review_batches([r.text for r in reviews[:64]], tok)[0]
-    truns = max(5, runs//2)
-    def text_torch_row(method, m, name):
-        m = m.cpu().eval()
-        logits = text_logits_torch(m, batches)
-        size = sum(p.numel()*p.element_size() for p in m.state_dict().values())/1e6
-        return _row(method, name, count_parameters(m), size, torch_latency(m, {k: torch.from_numpy(v) for k, v in one.items()}, truns)["p50"],
-                    torch_latency(m, {k: torch.from_numpy(v) for k, v in many.items()}, truns)["p50"], accuracy_of(logits, labels), output_loss(text_base, logits))
-    rows.append(text_torch_row("fp32, PyTorch eager", minilm, "MiniLM"))
-    rows[-1]["size_mb"] = round((folder/"model.safetensors").stat().st_size/1e6, 3)
-    text_paths = export_text_classifier(minilm, tok, work)
-    for kind in ("fp32", "int8", "int8, embeddings per tensor", "int8, embeddings fp32"):
-        s = ort_session(text_paths[kind])
-        logits = text_logits_onnx(s, batches)
-        rows.append(_row(f"{kind}, ONNX Runtime" + (" (dynamic)" if kind.startswith("int8") else ""), "MiniLM", count_parameters(minilm),
-                         file_size_mb(text_paths[kind]), ort_latency(s, one, truns)["p50"], ort_latency(s, many, truns)["p50"],
-                         accuracy_of(logits, labels), output_loss(text_base, logits)))
-    text_students_acc = {}
-    for name, (student_dir, _) in text_students(folder, device=device).items():
-        student = AutoModelForSequenceClassification.from_pretrained(student_dir, local_files_only=True)
-        rows.append(text_torch_row(f"small BERT student, {name}" + (" (distilled)" if name == "taught" else ""), student, "MiniLM"))
-        text_students_acc[name] = rows[-1]["accuracy"]
-    by = {(r["model"], r["method"]): r for r in rows}
-    cnn_fp32, cnn_int8 = by[("MNIST CNN", "fp32, PyTorch eager")], by[("MNIST CNN", "int8, ONNX Runtime (static)")]
-    m_fp32, m_int8 = by[("MiniLM", "fp32, PyTorch eager")], by[("MiniLM", "int8, ONNX Runtime (dynamic)")]
-    slim_row = by[("MNIST CNN", "50 % of channels (structured), retrained")]
-    alone, taught = (round(float(np.mean(kd_accs[n])), 3) for n in ("alone", "taught"))
-    res = dict(
-        cnn_fp32_acc=cnn_fp32["accuracy"], cnn_int8_acc=cnn_int8["accuracy"],
-        cnn_int8_size_ratio=round(by[("MNIST CNN", "fp32, ONNX Runtime")]["size_mb"]/cnn_int8["size_mb"], 3),
-        minilm_fp32_acc=m_fp32["accuracy"], minilm_int8_acc=m_int8["accuracy"],
-        minilm_int8_size_ratio=round(m_fp32["size_mb"]/m_int8["size_mb"], 3),
-        minilm_int8_fp32_embeddings_acc=by[("MiniLM", "int8, embeddings fp32, ONNX Runtime (dynamic)")]["accuracy"],
-        minilm_int8_per_tensor_embeddings_acc=by[("MiniLM", "int8, embeddings per tensor, ONNX Runtime (dynamic)")]["accuracy"],
-        minilm_int8_speedup_b1=round(m_fp32["latency_b1_ms"]/m_int8["latency_b1_ms"], 3),
-        minilm_int8_speedup_b64=round(m_fp32["latency_b64_ms"]/m_int8["latency_b64_ms"], 3),
-        cnn_pruned90_acc=round(row90["accuracy_retrained"], 3), cnn_pruning_schedule=prune_rows,
-        structured_speedup=round(cnn_fp32["latency_b64_ms"]/slim_row["latency_b64_ms"], 3),
-        structured_speedup_b1=round(cnn_fp32["latency_b1_ms"]/slim_row["latency_b1_ms"], 3),
-        structured_acc=slim_row["accuracy"],
-        kd_teacher_acc=cnn_fp32["accuracy"], kd_student_alone_acc=alone, kd_student_taught_acc=taught, kd_seeds=list(seeds),
-        kd_student_alone_accs=kd_accs["alone"], kd_student_taught_accs=kd_accs["taught"],
-        kd_gap_recovered=round(gap_recovered(alone, taught, cnn_fp32["accuracy"]), 3) if cnn_fp32["accuracy"] > alone else None,
-        text_kd_student_alone_acc=text_students_acc["alone"], text_kd_student_taught_acc=text_students_acc["taught"], text_kd_teacher_acc=m_fp32["accuracy"],
-        rows=rows, runs=runs, threads=torch.get_num_threads(), mode="fast" if is_fast() else "full",
-        seconds=round(time.perf_counter() - start, 1), **hardware_info(device))
-    return res

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['DEVICE_ENV', 'FAST_ENV', 'CACHE_ENV', 'available_devices', 'get_device', 'seed_everything', 'is_fast', 'fast_or_full',
-           'progress', 'cache_dir']
+           'progress', 'cache_dir', 'cpu_model', 'hardware_info']
 
 # %% ../nbs/00_core.ipynb #cb434fe3
 DEVICE_ENV = "PTM_DEVICE"
@@ -87,3 +88,22 @@ def cache_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+# %% ../nbs/00_core.ipynb #a5541fb9
+def cpu_model() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux, else `platform`)."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+def hardware_info(device=None) -> dict:
+    "What a measurement ran on: CPU model, cores, torch threads, torch version, device (and GPU name), load average."
+    device = get_device(device)
+    info = dict(cpu=cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), platform=platform.platform(), device=str(device))
+    if device.type == "cuda": info["gpu"] = torch.cuda.get_device_name(device)
+    try: info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError): info["load_average_1min_at_start"] = None
+    return info
