@@ -262,7 +262,7 @@ def format_bench_bert(res: dict) -> str:
                  f"{res['pretraining_device']}{', measured when the cached folder was made' if res['pretraining_from_cache'] else ''})")
     return "\n".join(lines)
 
-# %% ../nbs/98_bench.ipynb #dec8cb64
+# %% ../nbs/98_bench.ipynb #dc28f659
 def _compress_row(method, model_name, parameters, size_mb, lat1, lat64, accuracy, loss) -> dict:
     "One row of the compression table, rounded as it is shown."
     return dict(model=model_name, method=method, parameters=parameters, size_mb=round(size_mb, 3), latency_b1_ms=round(lat1, 4),

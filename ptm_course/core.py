@@ -89,7 +89,7 @@ def cache_dir(*parts: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
-# %% ../nbs/00_core.ipynb #a5541fb9
+# %% ../nbs/00_core.ipynb #2979580a
 def cpu_model() -> str:
     "The CPU's model name (from /proc/cpuinfo on Linux, else `platform`)."
     try:
