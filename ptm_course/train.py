@@ -13,6 +13,8 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -407,37 +409,13 @@ def _evaluate(accelerator, model, eval_loader, eval_fn, generators) -> dict[str,
     if clash: raise ValueError(f"eval_fn returned {clash}, names the loop uses for training values; call them e.g. 'val_loss'.")
     return {k: _as_number(v, k) for k, v in metrics.items()}
 
-# %% ../nbs/03a_training_loop.ipynb #c5888f50
-def _wrap_loader(loader, accelerator, shard: bool):
-    if isinstance(loader, torch.utils.data.DataLoader) and shard: return accelerator.prepare(loader)
-    n = accelerator.num_processes if shard else 1
-    if n == 1 and getattr(loader, "device", None) == accelerator.device: return loader  # a DeviceLoader already there
-    return _OnDevice(loader, accelerator.device, accelerator.process_index if shard else 0, n)
-
-def train(model: nn.Module,                        # the network; trained in place and left on the device
-          optimizer: torch.optim.Optimizer,         # over `model.parameters()`
-          train_loader,                             # re-iterable of batches: DataLoader, DeviceLoader, list, ...
-          loss_fn: Callable,                        # `loss_fn(model, batch)` -> scalar loss tensor; the batch is on the device
-          *,
-          epochs: int | None = None,                # passes over the data; None: 1, or as many as `max_steps` needs
-          max_steps: int | None = None,             # stop after this many optimizer steps (or at `epochs`, whichever is first)
-          scheduler=None,                           # learning-rate scheduler, stepped once per optimizer step
-          eval_loader=None,                         # held-out batches, evaluated every `eval_every` steps and at the end
-          eval_fn: Callable | None = None,          # `eval_fn(model, eval_loader)` -> dict of metrics; default: mean loss as 'val_loss'
-          eval_every: int | None = None,            # steps between evaluations
-          grad_clip: float | None = None,           # clip the gradient norm to this (and log `grad_norm`)
-          mixed_precision: str | None = None,       # None/'auto': 'bf16' on CUDA, else 'no'; 'native': 'bf16' wherever the hardware has it (CPU too); or 'no', 'bf16', 'fp16'
-          checkpoint_dir=None,                      # folder for checkpoints; one is saved at the end of the run
-          checkpoint_every: int | None = None,      # steps between checkpoints
-          resume: bool = False,                     # continue from the latest checkpoint in `checkpoint_dir`, if any
-          device=None,                              # default `get_device()` (under a launcher: this process's GPU)
-          desc: str = "train",                      # label of the progress bar
-          keep_checkpoints: int | None = 2,         # newest checkpoints to keep; None keeps all
-          find_unused_parameters: bool = False,     # for DistributedDataParallel: parameters that get no gradient in a step
-         ) -> History:                              # one row per step, eval metrics on the steps evaluated
-    "Train `model` in place with `loss_fn(model, batch)`: evaluate, checkpoint, resume; one process or several. Defined in chapter 3a."
+# %% ../nbs/03a_training_loop.ipynb #1e493f01
+def _check_arguments(epochs, max_steps, eval_every, checkpoint_every, eval_loader, eval_fn, checkpoint_dir, resume):
+    """`train`'s arguments checked before it touches the model. Returns `epochs` (1 where neither it nor `max_steps`
+    is given), the checkpoint folder and the latest checkpoint in it."""
     if epochs is None and max_steps is None: epochs = 1  # neither given: one pass over the data
-    if epochs is not None and epochs < 1: raise ValueError(f"epochs must be at least 1 (or None with max_steps), got {epochs}.")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be at least 1 (or None with max_steps), got {epochs}.")
     if max_steps is not None and max_steps < 1: raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
     for name, value in dict(eval_every=eval_every, checkpoint_every=checkpoint_every).items():
         if value is not None and value < 1: raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -447,129 +425,250 @@ def train(model: nn.Module,                        # the network; trained in pla
         raise ValueError("checkpoint_every and resume need a checkpoint_dir.")
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     latest = latest_checkpoint(root) if root is not None else None
-    if latest is not None and not resume:
-        raise FileExistsError(f"{root} already holds checkpoints of an earlier run (latest: {latest.name}). Pass resume=True to "
-                              "continue it, or delete the folder (or choose another) to start afresh.")
+    if latest is not None and not resume:  # never overwrite an earlier run by accident
+        raise FileExistsError(f"{root} already holds checkpoints of an earlier run (latest: {latest.name}). Pass "
+                              "resume=True to continue it, or delete the folder (or choose another) to start afresh.")
+    return epochs, root, latest
+
+@contextmanager
+def _prepared(accelerator, model: nn.Module, optimizer):
+    "Accelerate's model and optimizer for the run; the model is given back plain at the end, error or not."
+    own_forward = model.__dict__.get("forward")
+    prepared = accelerator.prepare(model, optimizer)  # not the scheduler: we step it once per step ourselves
+    try: yield prepared
+    finally:  # give the model back without Accelerate's autocast wrapper
+        accelerator.unwrap_model(prepared[0], keep_fp32_wrapper=False)
+        if own_forward is None: model.__dict__.pop("forward", None)
+        else: model.forward = own_forward
+
+# %% ../nbs/03a_training_loop.ipynb #b5b8ca11
+def _wrap_loader(loader, accelerator, shard: bool):
+    if isinstance(loader, torch.utils.data.DataLoader) and shard: return accelerator.prepare(loader)
+    n = accelerator.num_processes if shard else 1
+    if n == 1 and getattr(loader, "device", None) == accelerator.device: return loader  # a DeviceLoader already there
+    return _OnDevice(loader, accelerator.device, accelerator.process_index if shard else 0, n)
+
+@dataclass
+class _Run:
+    "Where one call of `train` stands, and what it trains with."
+    accelerator: object                 # the device, the precision, the processes
+    model: nn.Module                    # prepared by Accelerate (DistributedDataParallel under several processes)
+    optimizer: torch.optim.Optimizer    # prepared by Accelerate
+    scheduler: object                   # stepped once per optimizer step; None: a constant learning rate
+    loader: object                      # the train_loader: this process's share, on the device
+    evaluation: object                  # the eval_loader on the device, or None
+    eval_fn: Callable | None
+    root: Path | None                   # the checkpoint folder
+    latest: Path | None                 # its latest checkpoint when the run started
+    epochs: int | None
+    steps_per_epoch: int | None         # None: a loader without len(); an epoch ends when it runs out
+    total: int | None                   # optimizer steps of the whole run, when known
+    generators: list                    # the generators the loader draws its order from
+    history: History = field(default_factory=History)
+    step: int = 0                       # optimizer steps done
+    epoch: int = 0                      # epochs done
+    batch_in_epoch: int = 0             # batches of the current epoch done
+    epoch_rng: dict | None = None       # the generators' states at the start of the current epoch
+    resume_rng: dict | None = None      # a checkpoint's states (at its epoch's start and at its step), until used
+    last_eval: int | None = None        # the step last evaluated
+    last_checkpoint: int | None = None  # the step last checkpointed
+    bar: object = None                  # the progress bar
+    shown: dict = field(default_factory=dict)  # the values it shows
+
+    def at_total(self) -> bool: return self.total is not None and self.step >= self.total
+    def done(self) -> bool: return self.at_total() or (self.epochs is not None and self.epoch >= self.epochs)
+
+# %% ../nbs/03a_training_loop.ipynb #9bf5bb8a
+def _count_steps(loader, train_loader, accelerator, epochs, max_steps) -> tuple[int | None, int | None]:
+    "Steps per epoch and in the whole run, None where the loader has no len()."
+    try: steps_per_epoch = len(loader)
+    except TypeError: steps_per_epoch = None  # e.g. a loader over a stream: epochs end when it runs out
+    if steps_per_epoch == 0:
+        extra = f" for each of {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        raise ValueError(f"train_loader is empty: it gives no batches{extra} (len {len(train_loader)}). "
+                         "Check the data, batch_size and drop_last.")
+    total = None
+    if steps_per_epoch is not None and epochs is not None: total = steps_per_epoch*epochs
+    if max_steps is not None:
+        if total is not None and max_steps > total:
+            warnings.warn(f"max_steps={max_steps} is more than epochs × steps per epoch = {epochs} × "
+                          f"{steps_per_epoch}: training stops after {epochs} epoch(s). Leave epochs out (None) to "
+                          "train for max_steps.")
+        total = max_steps if total is None else min(total, max_steps)
+    return steps_per_epoch, total
+
+def _start_run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, eval_fn, *,
+               epochs, max_steps, root, latest, resume) -> _Run:
+    "The loaders on the device, the steps counted, and the state of `latest` put back when resuming."
+    loader = _wrap_loader(train_loader, accelerator, shard=True)
+    evaluation = _wrap_loader(eval_loader, accelerator, shard=False) if eval_loader is not None else None
+    steps_per_epoch, total = _count_steps(loader, train_loader, accelerator, epochs, max_steps)
+    run = _Run(accelerator, model, optimizer, scheduler, loader, evaluation, eval_fn, root, latest, epochs,
+               steps_per_epoch, total, _loader_generators(loader))
+    if resume and latest is not None: _resume(run)
+    elif resume and accelerator.is_main_process: print(f"No checkpoint in {root} yet: training from step 0.")
+    return run
+
+def _resume(run: _Run):
+    "Put back the state of checkpoint `run.latest`; the generators wait in `run.resume_rng` for the epoch to start."
+    state, run.resume_rng = _load_checkpoint(run.latest, run.accelerator, run.model, run.optimizer, run.scheduler,
+                                             run.steps_per_epoch)
+    run.history, run.step = History(state["history"]), state["step"]
+    run.epoch, run.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+    run.last_checkpoint = run.step
+    if run.history.rows and set(run.history.rows[-1]) - set(_RESERVED): run.last_eval = run.step
+    if run.steps_per_epoch is not None and run.batch_in_epoch >= run.steps_per_epoch:  # saved at the end of an epoch
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        set_rng_state(run.resume_rng["current"], run.generators)
+        run.resume_rng = None
+
+# %% ../nbs/03a_training_loop.ipynb #403d4421
+def _epoch_batches(run: _Run):
+    "An iterator over the batches of the next epoch, or over the rest of the interrupted one after a resume."
+    if run.resume_rng is not None:  # the same permutation as before the interruption, minus the batches done
+        run.epoch_rng = run.resume_rng["epoch_start"]
+        set_rng_state(run.epoch_rng, run.generators)
+        batches = iter(run.loader)
+        for i in range(run.batch_in_epoch):
+            try: next(batches)
+            except StopIteration:
+                raise CheckpointError(f"{run.latest} was taken after batch {run.batch_in_epoch} of an epoch but the "
+                                      f"train_loader now gives only {i}: resume with the same loader.") from None
+        set_rng_state(run.resume_rng["current"], run.generators)
+        run.resume_rng = None
+        return batches
+    if run.accelerator.num_processes > 1 and isinstance(run.loader, _OnDevice):
+        from accelerate.utils import RNGType, synchronize_rng_state
+        for g in run.generators: synchronize_rng_state(RNGType.GENERATOR, generator=g)  # one permutation for all
+    run.epoch_rng, run.batch_in_epoch = rng_state(run.generators), 0
+    return iter(run.loader)
+
+# %% ../nbs/03a_training_loop.ipynb #ba9e5f50
+def _train_step(run: _Run, batch, loss_fn: Callable, grad_clip: float | None) -> dict:
+    "Chapter 1's step of gradient descent on `batch`; returns the step's `History` values."
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    with accelerator.autocast(): loss = loss_fn(model, batch)  # 1. forward: the loss on this batch
+    value = _checked_loss(run, loss)                                 #    one finite number, or stop here
+    accelerator.backward(loss)                                       # 2. backward: the gradient, by autograd
+    clipped = {}
+    if grad_clip is not None:                                        # 3. clip the gradient's norm, if asked
+        clipped["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+    lr = float(optimizer.param_groups[0]["lr"])                      #    (the learning rate of this update)
+    optimizer.step()                                                 # 4. update: θ ← θ − η∇L
+    if scheduler is not None and not accelerator.optimizer_step_was_skipped:
+        scheduler.step()                                             #    and the learning rate of the next one
+    optimizer.zero_grad(set_to_none=True)                            # 5. zero the gradients for the next step
+    return dict(loss=value, lr=lr, **clipped)
+
+def _checked_loss(run: _Run, loss) -> float:
+    "The loss as a number (the mean over the processes); an error if it is not one finite number."
+    _check_loss(loss, run.step + 1)
+    value = loss.detach().float()
+    if run.accelerator.num_processes > 1: value = run.accelerator.reduce(value, reduction="mean")
+    value = value.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"The loss is {value} at step {run.step + 1} (batch {run.batch_in_epoch + 1} of "
+                                 f"epoch {run.epoch + 1}); the weights were not updated with it. Try a smaller "
+                                 "learning rate, grad_clip=1.0, or check the batch for NaN/inf values.")
+    return value
+
+# %% ../nbs/03a_training_loop.ipynb #4dceadb2
+def _log_evaluate_checkpoint(run: _Run, row: dict, eval_every, checkpoint_every, keep_checkpoints):
+    "Record the step just made; evaluate and checkpoint every `eval_every` and `checkpoint_every` steps."
+    epoch = run.epoch + run.batch_in_epoch/run.steps_per_epoch if run.steps_per_epoch else run.epoch
+    run.history.append(step=run.step, epoch=epoch, **row)
+    run.bar.update(1)
+    run.shown["loss"] = f"{row['loss']:.4f}"
+    if eval_every is not None and run.step % eval_every == 0: _evaluate_run(run)
+    run.bar.set_postfix(run.shown, refresh=False)
+    if checkpoint_every is not None and run.step % checkpoint_every == 0:
+        _checkpoint_run(run, keep_checkpoints, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch)
+
+def _evaluate_run(run: _Run):
+    "Evaluate the model now; the metrics go into the latest `History` row and onto the bar."
+    metrics = _evaluate(run.accelerator, run.model, run.evaluation, run.eval_fn, run.generators)
+    run.history.update_last(**metrics)
+    run.last_eval = run.step
+    run.shown.update({k: f"{v:.4g}" for k, v in metrics.items()})
+
+def _checkpoint_run(run: _Run, keep_checkpoints, *, epoch: int, batch_in_epoch: int):
+    _save_checkpoint(run.root, run.accelerator, run.model, run.optimizer, run.scheduler, run.history, step=run.step,
+                     epoch=epoch, batch_in_epoch=batch_in_epoch, steps_per_epoch=run.steps_per_epoch,
+                     epoch_rng=run.epoch_rng, generators=run.generators, keep=keep_checkpoints)
+    run.last_checkpoint = run.step
+
+def _finish_run(run: _Run, keep_checkpoints):
+    "Evaluate and checkpoint the final weights, unless the last step just did."
+    if run.evaluation is not None and run.last_eval != run.step and run.history.rows:
+        _evaluate_run(run)
+        run.bar.set_postfix(run.shown)
+    if run.root is not None and run.last_checkpoint != run.step:
+        if run.steps_per_epoch is None and run.batch_in_epoch == 0: run.epoch_rng = rng_state(run.generators)
+        epoch_ended = run.batch_in_epoch == 0 and run.steps_per_epoch is not None  # saved as its last batch
+        _checkpoint_run(run, keep_checkpoints, epoch=run.epoch - 1 if epoch_ended else run.epoch,
+                        batch_in_epoch=run.steps_per_epoch if epoch_ended else run.batch_in_epoch)
+
+@contextmanager
+def _progress_bar(run: _Run, desc: str):
+    "The run's progress bar, shown by process 0 and closed at the end; Ctrl-C says where the latest checkpoint is."
+    run.bar = progress(total=run.total, initial=run.step, desc=desc, disable=not run.accelerator.is_main_process)
+    try: yield run.bar
+    except KeyboardInterrupt:
+        if run.root is not None and run.accelerator.is_main_process:
+            saved = latest_checkpoint(run.root)
+            print(f"Interrupted at step {run.step + 1}. " + (
+                f"The latest checkpoint is {saved} (step {int(saved.name[5:])}): call train again with the same "
+                "arguments and resume=True to continue from it." if saved else "No checkpoint was written yet."))
+        raise
+    finally: run.bar.close()
+
+# %% ../nbs/03a_training_loop.ipynb #c5888f50
+def train(
+    model: nn.Module,                      # the network; trained in place and left on the device
+    optimizer: torch.optim.Optimizer,      # over `model.parameters()`
+    train_loader,                          # re-iterable of batches: DataLoader, DeviceLoader, list, ...
+    loss_fn: Callable,                     # `loss_fn(model, batch)` -> scalar loss tensor; the batch is on the device
+    *,
+    epochs: int | None = None,             # passes over the data; None: 1, or as many as `max_steps` needs
+    max_steps: int | None = None,          # stop after this many optimizer steps (or at `epochs`, whichever is first)
+    scheduler=None,                        # learning-rate scheduler, stepped once per optimizer step
+    eval_loader=None,                      # held-out batches, evaluated every `eval_every` steps and at the end
+    # `eval_fn(model, eval_loader)` -> dict of metrics; default: mean loss as 'val_loss'
+    eval_fn: Callable | None = None,
+    eval_every: int | None = None,         # steps between evaluations
+    grad_clip: float | None = None,        # clip the gradient norm to this (and log `grad_norm`)
+    # None/'auto': 'bf16' on CUDA, else 'no'; 'native': 'bf16' wherever the hardware has it; or 'no', 'bf16', 'fp16'
+    mixed_precision: str | None = None,
+    checkpoint_dir=None,                   # folder for checkpoints; one is saved at the end of the run
+    checkpoint_every: int | None = None,   # steps between checkpoints
+    resume: bool = False,                  # continue from the latest checkpoint in `checkpoint_dir`, if any
+    device=None,                           # default `get_device()` (under a launcher: this process's GPU)
+    desc: str = "train",                   # label of the progress bar
+    keep_checkpoints: int | None = 2,      # newest checkpoints to keep; None keeps all
+    find_unused_parameters: bool = False,  # for DistributedDataParallel: parameters that get no gradient in a step
+) -> History:                              # one row per step, eval metrics on the steps evaluated
+    """Train `model` in place with `loss_fn(model, batch)`: evaluate, checkpoint, resume; one process or several.
+    Defined in chapter 3a."""
+    epochs, root, latest = _check_arguments(epochs, max_steps, eval_every, checkpoint_every, eval_loader, eval_fn,
+                                            checkpoint_dir, resume)
     device = process_device(device)
     precision = resolve_mixed_precision(mixed_precision, device)
     eval_fn = eval_fn or (mean_loss(loss_fn) if eval_loader is not None else None)
-
     accelerator = _make_accelerator(device, precision, find_unused_parameters)
-    net, own_forward = model, model.__dict__.get("forward")
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is not prepared: we step it once per step ourselves
-    try:
-        loader = _wrap_loader(train_loader, accelerator, shard=True)
-        evaluation = _wrap_loader(eval_loader, accelerator, shard=False) if eval_loader is not None else None
-        try: steps_per_epoch = len(loader)
-        except TypeError: steps_per_epoch = None  # e.g. a loader over a stream: epochs end when it runs out
-        if steps_per_epoch == 0:
-            extra = f" for each of {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-            raise ValueError(f"train_loader is empty: it gives no batches{extra} (len {len(train_loader)}). "
-                             "Check the data, batch_size and drop_last.")
-        total = None
-        if steps_per_epoch is not None and epochs is not None: total = steps_per_epoch*epochs
-        if max_steps is not None:
-            if total is not None and max_steps > total:
-                warnings.warn(f"max_steps={max_steps} is more than epochs × steps per epoch = {epochs} × {steps_per_epoch}: "
-                              f"training stops after {epochs} epoch(s). Leave epochs out (None) to train for max_steps.")
-            total = max_steps if total is None else min(total, max_steps)
-        generators = _loader_generators(loader)
-        history, step, epoch, batch_in_epoch, resume_rng = History(), 0, 0, 0, None
-        last_eval = last_checkpoint = None
-        if resume and latest is not None:
-            state, resume_rng = _load_checkpoint(latest, accelerator, model, optimizer, scheduler, steps_per_epoch)
-            history, step, epoch, batch_in_epoch = History(state["history"]), state["step"], state["epoch"], state["batch_in_epoch"]
-            last_checkpoint = step
-            if history.rows and set(history.rows[-1]) - set(_RESERVED): last_eval = step
-            if steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch:  # saved at the end of an epoch
-                epoch, batch_in_epoch = epoch + 1, 0
-                set_rng_state(resume_rng["current"], generators)
-                resume_rng = None
-        elif resume and accelerator.is_main_process:
-            print(f"No checkpoint in {root} yet: training from step 0.")
-
-        def done(): return (total is not None and step >= total) or (epochs is not None and epoch >= epochs)
-        bar = progress(total=total, initial=step, desc=desc, disable=not accelerator.is_main_process)
-        shown = {}
-        try:
+    with _prepared(accelerator, model, optimizer) as (model, optimizer):  # given back plain at the end
+        run = _start_run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, eval_fn,
+                         epochs=epochs, max_steps=max_steps, root=root, latest=latest, resume=resume)
+        with _progress_bar(run, desc):
             model.train()
-            while not done():
-                if resume_rng is not None:  # the same permutation as before the interruption, minus the batches done
-                    epoch_rng = resume_rng["epoch_start"]
-                    set_rng_state(epoch_rng, generators)
-                    batches = iter(loader)
-                    for i in range(batch_in_epoch):
-                        try: next(batches)
-                        except StopIteration:
-                            raise CheckpointError(f"{latest} was taken after batch {batch_in_epoch} of an epoch but the "
-                                                  f"train_loader now gives only {i}: resume with the same loader.") from None
-                    set_rng_state(resume_rng["current"], generators)
-                    resume_rng = None
-                else:
-                    if accelerator.num_processes > 1 and isinstance(loader, _OnDevice):
-                        from accelerate.utils import RNGType, synchronize_rng_state
-                        for g in generators: synchronize_rng_state(RNGType.GENERATOR, generator=g)  # one permutation for all
-                    epoch_rng, batch_in_epoch = rng_state(generators), 0
-                    batches = iter(loader)
-                got_batch = batch_in_epoch > 0
-                for batch in batches:
-                    got_batch = True
-                    with accelerator.autocast(): loss = loss_fn(model, batch)
-                    _check_loss(loss, step + 1)
-                    value = loss.detach().float()
-                    if accelerator.num_processes > 1: value = accelerator.reduce(value, reduction="mean")
-                    value = value.item()
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"The loss is {value} at step {step + 1} (batch {batch_in_epoch + 1} of epoch {epoch + 1}); "
-                                                 "the weights were not updated with it. Try a smaller learning rate, grad_clip=1.0, "
-                                                 "or check the batch for NaN/inf values.")
-                    accelerator.backward(loss)
-                    row = {}
-                    if grad_clip is not None: row["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
-                    lr = float(optimizer.param_groups[0]["lr"])
-                    optimizer.step()
-                    if scheduler is not None and not accelerator.optimizer_step_was_skipped: scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                    history.append(step=step, epoch=epoch + batch_in_epoch/steps_per_epoch if steps_per_epoch else epoch,
-                                   loss=value, lr=lr, **row)
-                    bar.update(1)
-                    shown["loss"] = f"{value:.4f}"
-                    if eval_every is not None and step % eval_every == 0:
-                        metrics = _evaluate(accelerator, model, evaluation, eval_fn, generators)
-                        history.update_last(**metrics); last_eval = step
-                        shown.update({k: f"{v:.4g}" for k, v in metrics.items()})
-                    bar.set_postfix(shown, refresh=False)
-                    if checkpoint_every is not None and step % checkpoint_every == 0:
-                        _save_checkpoint(root, accelerator, model, optimizer, scheduler, history, step=step, epoch=epoch,
-                                         batch_in_epoch=batch_in_epoch, steps_per_epoch=steps_per_epoch, epoch_rng=epoch_rng,
-                                         generators=generators, keep=keep_checkpoints)
-                        last_checkpoint = step
-                    if total is not None and step >= total: break
-                if not got_batch:
-                    raise ValueError("train_loader gave no batches in an epoch: it is empty (or an exhausted iterator; pass a "
-                                     "re-iterable such as a list or a DataLoader, not a generator).")
-                if total is not None and step >= total: break
-                epoch, batch_in_epoch = epoch + 1, 0
-            if evaluation is not None and last_eval != step and history.rows:
-                metrics = _evaluate(accelerator, model, evaluation, eval_fn, generators)
-                history.update_last(**metrics)
-                shown.update({k: f"{v:.4g}" for k, v in metrics.items()}); bar.set_postfix(shown)
-            if root is not None and last_checkpoint != step:
-                if steps_per_epoch is None and batch_in_epoch == 0: epoch_rng = rng_state(generators)
-                _save_checkpoint(root, accelerator, model, optimizer, scheduler, history, step=step,
-                                 epoch=epoch if batch_in_epoch or steps_per_epoch is None else epoch - 1,
-                                 batch_in_epoch=batch_in_epoch if batch_in_epoch or steps_per_epoch is None else steps_per_epoch,
-                                 steps_per_epoch=steps_per_epoch, epoch_rng=epoch_rng, generators=generators, keep=keep_checkpoints)
-        except KeyboardInterrupt:
-            if root is not None and accelerator.is_main_process:
-                saved = latest_checkpoint(root)
-                print(f"Interrupted at step {step + 1}. " + (f"The latest checkpoint is {saved} (step {int(saved.name[5:])}): call train "
-                      "again with the same arguments and resume=True to continue from it." if saved else "No checkpoint was written yet."))
-            raise
-        finally: bar.close()
-    finally:
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # give the model back without Accelerate's autocast wrapper
-        if own_forward is None: net.__dict__.pop("forward", None)
-        else: net.forward = own_forward
-    return history
+            while not run.done():                                   # an epoch
+                for batch in _epoch_batches(run):                   # (after a resume: the rest of the interrupted one)
+                    row = _train_step(run, batch, loss_fn, grad_clip)  # chapter 1's five steps
+                    run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
+                    _log_evaluate_checkpoint(run, row, eval_every, checkpoint_every, keep_checkpoints)
+                    if run.at_total(): break
+                if run.batch_in_epoch == 0:
+                    raise ValueError("train_loader gave no batches in an epoch: it is empty (or an exhausted iterator; "
+                                     "pass a re-iterable such as a list or a DataLoader, not a generator).")
+                if not run.at_total(): run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            _finish_run(run, keep_checkpoints)                      # evaluate and checkpoint the final weights
+    return run.history
