@@ -31,7 +31,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'History', 'CheckpointError', 'checkpoint_paths'
 
 # %% ../nbs/03a_training_loop.ipynb #3517bf67
 class History:
-    "One row per optimizer step (`step`, `epoch`, `loss`, `lr`, plus eval metrics when evaluated). Defined in chapter 3a."
+    """One row per optimizer step (`step`, `epoch`, `loss`, `lr`, plus eval metrics when evaluated).
+    Defined in chapter 3a."""
     def __init__(self, rows: list[dict] | None = None): self.rows = [dict(r) for r in rows or []]
     def __len__(self): return len(self.rows)
     def __iter__(self): return iter(self.rows)
@@ -151,28 +152,34 @@ def read_checkpoint_state(path) -> dict:
     path = Path(path)
     state_file = path/"state.json"
     try: state = json.loads(state_file.read_text())
-    except FileNotFoundError: raise CheckpointError(f"Checkpoint file {state_file} is missing: {path} is not a complete checkpoint.") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint file {state_file} is missing: {path} is not a complete "
+                              "checkpoint.") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"Checkpoint file {state_file} is corrupt (not valid JSON: {e}). "
                               f"Delete the folder {path} to resume from the checkpoint before it.") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"Checkpoint file {state_file} is not a ptm_course checkpoint of format {CHECKPOINT_FORMAT}.")
+        raise CheckpointError(f"Checkpoint file {state_file} is not a ptm_course checkpoint of format "
+                              f"{CHECKPOINT_FORMAT}.")
     for name, digest in state["files"].items():
         f = path/name
         if not f.is_file(): raise CheckpointError(f"Checkpoint file {f} is missing (listed in {state_file}).")
         actual = _sha256(f)
         if actual != digest:
             raise CheckpointError(f"Checkpoint file {f} is corrupt (sha256 {actual[:12]}..., {state_file} recorded "
-                                  f"{digest[:12]}...). Delete the folder {path} to resume from the checkpoint before it.")
+                                  f"{digest[:12]}...). Delete the folder {path} to resume from the checkpoint "
+                                  "before it.")
     return state
 
 def _load_tensors(path: Path, what: str):
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"Checkpoint file {path} could not be read as {what} with torch.load(weights_only=True): {e}") from e
+        raise CheckpointError(f"Checkpoint file {path} could not be read as {what} with "
+                              f"torch.load(weights_only=True): {e}") from e
 
 def load_weights(model: nn.Module, path, device=None) -> nn.Module:
-    "Load the weights of a checkpoint (a folder, the latest in a `checkpoint_dir`, or a `.safetensors` file) into `model`. Defined in chapter 3a."
+    """Load the weights of a checkpoint (a folder, the latest in a `checkpoint_dir`, or a `.safetensors` file)
+    into `model`. Defined in chapter 3a."""
     from safetensors.torch import load_model
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"No checkpoint found at {path}: it does not exist.")
@@ -226,8 +233,8 @@ def set_rng_state(state: dict, generators: Iterable[torch.Generator] = ()):
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     generators = list(generators)
     if len(generators) != len(state["loaders"]):
-        raise CheckpointError(f"The checkpoint has {len(state['loaders'])} data-loader generator(s) but this loader has "
-                              f"{len(generators)}: resume with a loader built the same way.")
+        raise CheckpointError(f"The checkpoint has {len(state['loaders'])} data-loader generator(s) but this loader "
+                              f"has {len(generators)}: resume with a loader built the same way.")
     for g, s in zip(generators, state["loaders"]): g.set_state(s)
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -263,7 +270,8 @@ def default_mixed_precision(device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 def native_bf16(device) -> bool:
-    "True where `device` computes in bfloat16 in hardware: CUDA GPUs that support it, x86 CPUs with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated, and slower than float32."
+    """True where `device` computes in bfloat16 in hardware: CUDA GPUs that support it, x86 CPUs with AVX512-BF16
+    or AMX. Elsewhere bf16 autocast is emulated, and slower than float32."""
     device = torch.device(device)
     if device.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu": return False
@@ -271,13 +279,16 @@ def native_bf16(device) -> bool:
     except (AttributeError, RuntimeError): return False  # a PyTorch without these probes: assume emulated
 
 def resolve_mixed_precision(mixed_precision: str | None, device) -> str:
-    "The precision `train` runs in on `device` when asked for `mixed_precision`: None/'auto' as `default_mixed_precision`, 'native' is 'bf16' where `native_bf16`, else 'no'."
+    """The precision `train` runs in on `device` when asked for `mixed_precision`: None/'auto' as
+    `default_mixed_precision`, 'native' is 'bf16' where `native_bf16`, else 'no'."""
     device = torch.device(device)
     precision = (default_mixed_precision(device) if mixed_precision in (None, "auto") else
                  ("bf16" if native_bf16(device) else "no") if mixed_precision == "native" else mixed_precision)
     if precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be None/'auto', 'native', 'no', 'bf16' or 'fp16', got {mixed_precision!r}.")
-    if precision == "fp16" and device.type != "cuda": raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no'.")
+        raise ValueError("mixed_precision must be None/'auto', 'native', 'no', 'bf16' or 'fp16', "
+                         f"got {mixed_precision!r}.")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no'.")
     return precision
 
 def _launched_processes() -> int:
@@ -299,21 +310,21 @@ def _make_accelerator(device: torch.device, mixed_precision: str, find_unused_pa
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
     cpu = device.type == "cpu"
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     if _launched_processes() == 1:
         current = PartialState._shared_state.get("device")
-        if current is not None and (current != device or AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision):
+        precision_now = AcceleratorState._shared_state.get("_mixed_precision", mixed_precision)
+        if current is not None and (current != device or precision_now != mixed_precision):
             AcceleratorState._reset_state(reset_partial_state=True)  # a new device or precision for this call
         old = os.environ.get("ACCELERATE_TORCH_DEVICE")
         os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)  # exactly this device, e.g. cuda:1
-        try: return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+        try: return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
         finally:
             if old is None: os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
             else: os.environ["ACCELERATE_TORCH_DEVICE"] = old
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 # %% ../nbs/03a_training_loop.ipynb #3bbe0292
 _RESERVED = ("step", "epoch", "loss", "lr", "grad_norm")
@@ -343,29 +354,37 @@ def _save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, histo
         if keep: [shutil.rmtree(old) for old in checkpoint_paths(root)[:-keep]]
     accelerator.wait_for_everyone()
 
-def _load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, steps_per_epoch: int | None) -> tuple[dict, dict]:
+def _load_checkpoint(path: Path, accelerator, model, optimizer, scheduler,
+                     steps_per_epoch: int | None) -> tuple[dict, dict]:
     state = read_checkpoint_state(path)
     if state["num_processes"] != accelerator.num_processes:
         raise CheckpointError(f"{path} was written by a run on {state['num_processes']} process(es); this run has "
                               f"{accelerator.num_processes}. Resume with the same number of processes.")
     if steps_per_epoch is not None and state["steps_per_epoch"] not in (None, steps_per_epoch):
-        raise CheckpointError(f"{path} was written with {state['steps_per_epoch']} batches per epoch; this train_loader has "
-                              f"{steps_per_epoch}. Resume with the same loader (data, batch_size, drop_last).")
-    load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), path/"model.safetensors", device=accelerator.device)
+        raise CheckpointError(f"{path} was written with {state['steps_per_epoch']} batches per epoch; this "
+                              f"train_loader has {steps_per_epoch}. Resume with the same loader (data, batch_size, "
+                              "drop_last).")
+    load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), path/"model.safetensors",
+                 device=accelerator.device)
     try: optimizer.load_state_dict(_load_tensors(path/"optimizer.pt", "an optimizer state"))
     except CheckpointError: raise
-    except Exception as e: raise CheckpointError(f"Checkpoint file {path/'optimizer.pt'} does not fit this optimizer: {e}") from e
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint file {path/'optimizer.pt'} does not fit this optimizer: {e}") from e
     has_scheduler = (path/"scheduler.pt").exists()
     if has_scheduler != (scheduler is not None):
-        raise CheckpointError(f"{path} {'has' if has_scheduler else 'has no'} scheduler state (scheduler.pt) but this run "
-                              f"{'has no' if scheduler is None else 'has a'} scheduler: resume with the same setup.")
+        raise CheckpointError(f"{path} {'has' if has_scheduler else 'has no'} scheduler state (scheduler.pt) but this "
+                              f"run {'has no' if scheduler is None else 'has a'} scheduler: resume with the same "
+                              "setup.")
     if scheduler is not None:
         try: scheduler.load_state_dict(_load_tensors(path/"scheduler.pt", "a scheduler state"))
         except CheckpointError: raise
-        except Exception as e: raise CheckpointError(f"Checkpoint file {path/'scheduler.pt'} does not fit this scheduler: {e}") from e
+        except Exception as e:
+            raise CheckpointError(f"Checkpoint file {path/'scheduler.pt'} does not fit this scheduler: {e}") from e
     rngs = _load_tensors(path/"rng.pt", "random generator states")
     try: rng = rngs[accelerator.process_index]; rng["epoch_start"]["torch"], rng["current"]["torch"]
-    except Exception as e: raise CheckpointError(f"Checkpoint file {path/'rng.pt'} does not hold the expected generator states ({e!r}).") from e
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint file {path/'rng.pt'} does not hold the expected generator states "
+                              f"({e!r}).") from e
     return state, rng
 
 # %% ../nbs/03a_training_loop.ipynb #b022b620
@@ -373,18 +392,21 @@ def _check_loss(loss, step: int):
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn must return a scalar tensor; at step {step} it returned a {type(loss).__name__}.")
     if loss.ndim != 0:
-        raise ValueError(f"loss_fn must return a scalar tensor (one number); at step {step} it returned a tensor of shape "
-                         f"{tuple(loss.shape)}. Reduce it, e.g. with .mean().")
+        raise ValueError(f"loss_fn must return a scalar tensor (one number); at step {step} it returned a tensor of "
+                         f"shape {tuple(loss.shape)}. Reduce it, e.g. with .mean().")
     if not loss.requires_grad:
-        raise ValueError(f"The loss at step {step} does not depend on any trainable parameter (requires_grad is False): "
-                         "did loss_fn detach it or compute it under torch.no_grad()?")
+        raise ValueError(f"The loss at step {step} does not depend on any trainable parameter (requires_grad is "
+                         "False): did loss_fn detach it or compute it under torch.no_grad()?")
 
 def _as_number(value, key: str):
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1: raise ValueError(f"eval_fn returned a tensor of shape {tuple(value.shape)} for {key!r}; metrics must be numbers.")
+        if value.numel() != 1:
+            raise ValueError(f"eval_fn returned a tensor of shape {tuple(value.shape)} for {key!r}; "
+                             "metrics must be numbers.")
         value = value.item()
     try: return float(value)
-    except (TypeError, ValueError): raise ValueError(f"eval_fn returned {value!r} for {key!r}; metrics must be numbers.") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"eval_fn returned {value!r} for {key!r}; metrics must be numbers.") from None
 
 def mean_loss(loss_fn: Callable) -> Callable:
     "An `eval_fn` that returns `{'val_loss': mean of loss_fn(model, batch) over the loader's batches}`."
@@ -404,9 +426,13 @@ def _evaluate(accelerator, model, eval_loader, eval_fn, generators) -> dict[str,
     finally:
         net.train(was_training)
         set_rng_state(saved, generators)
-    if not isinstance(metrics, dict): raise TypeError(f"eval_fn must return a dict of metrics, e.g. {{'accuracy': 0.9}}; it returned a {type(metrics).__name__}.")
+    if not isinstance(metrics, dict):
+        raise TypeError("eval_fn must return a dict of metrics, e.g. {'accuracy': 0.9}; it returned a "
+                        f"{type(metrics).__name__}.")
     clash = [k for k in metrics if k in _RESERVED]
-    if clash: raise ValueError(f"eval_fn returned {clash}, names the loop uses for training values; call them e.g. 'val_loss'.")
+    if clash:
+        raise ValueError(f"eval_fn returned {clash}, names the loop uses for training values; call them e.g. "
+                         "'val_loss'.")
     return {k: _as_number(v, k) for k, v in metrics.items()}
 
 # %% ../nbs/03a_training_loop.ipynb #1e493f01
@@ -547,16 +573,16 @@ def _epoch_batches(run: _Run):
 def _train_step(run: _Run, batch, loss_fn: Callable, grad_clip: float | None) -> dict:
     "Chapter 1's step of gradient descent on `batch`; returns the step's `History` values."
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
-    with accelerator.autocast(): loss = loss_fn(model, batch)  # 1. forward: the loss on this batch
-    value = _checked_loss(run, loss)                                 #    one finite number, or stop here
-    accelerator.backward(loss)                                       # 2. backward: the gradient, by autograd
+    with accelerator.autocast(): loss = loss_fn(model, batch)        # 1. forward: the loss on this batch
+    value = _checked_loss(run, loss)                                 # 2. check: one finite number, or stop here
+    accelerator.backward(loss)                                       # 3. backward: the gradient, by autograd
     clipped = {}
-    if grad_clip is not None:                                        # 3. clip the gradient's norm, if asked
+    if grad_clip is not None:                                        # 4. update: clip the gradient norm if asked,
         clipped["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
     lr = float(optimizer.param_groups[0]["lr"])                      #    (the learning rate of this update)
-    optimizer.step()                                                 # 4. update: θ ← θ − η∇L
+    optimizer.step()                                                 #    θ ← θ − η∇L,
     if scheduler is not None and not accelerator.optimizer_step_was_skipped:
-        scheduler.step()                                             #    and the learning rate of the next one
+        scheduler.step()                                             #    then the learning rate of the next one
     optimizer.zero_grad(set_to_none=True)                            # 5. zero the gradients for the next step
     return dict(loss=value, lr=lr, **clipped)
 
@@ -649,26 +675,28 @@ def train(
 ) -> History:                              # one row per step, eval metrics on the steps evaluated
     """Train `model` in place with `loss_fn(model, batch)`: evaluate, checkpoint, resume; one process or several.
     Defined in chapter 3a."""
+    # the arguments checked, then the device, the precision and Accelerate set up
     epochs, root, latest = _check_arguments(epochs, max_steps, eval_every, checkpoint_every, eval_loader, eval_fn,
                                             checkpoint_dir, resume)
     device = process_device(device)
     precision = resolve_mixed_precision(mixed_precision, device)
     eval_fn = eval_fn or (mean_loss(loss_fn) if eval_loader is not None else None)
     accelerator = _make_accelerator(device, precision, find_unused_parameters)
-    with _prepared(accelerator, model, optimizer) as (model, optimizer):  # given back plain at the end
+    with _prepared(accelerator, model, optimizer) as (model, optimizer):  # given back plain at the end, error or not
+        # the loaders on the device, the steps counted; on resume, the checkpoint put back
         run = _start_run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, eval_fn,
                          epochs=epochs, max_steps=max_steps, root=root, latest=latest, resume=resume)
-        with _progress_bar(run, desc):
+        with _progress_bar(run, desc):  # closed at the end; after Ctrl-C it names the latest checkpoint
             model.train()
-            while not run.done():                                   # an epoch
-                for batch in _epoch_batches(run):                   # (after a resume: the rest of the interrupted one)
-                    row = _train_step(run, batch, loss_fn, grad_clip)  # chapter 1's five steps
+            while not run.done():  # an epoch (after a resume, first the rest of the interrupted one)
+                for batch in _epoch_batches(run):
+                    row = _train_step(run, batch, loss_fn, grad_clip)  # the five steps, on this batch
                     run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
                     _log_evaluate_checkpoint(run, row, eval_every, checkpoint_every, keep_checkpoints)
                     if run.at_total(): break
-                if run.batch_in_epoch == 0:
+                if run.batch_in_epoch == 0:  # not one batch in a whole epoch
                     raise ValueError("train_loader gave no batches in an epoch: it is empty (or an exhausted iterator; "
                                      "pass a re-iterable such as a list or a DataLoader, not a generator).")
-                if not run.at_total(): run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-            _finish_run(run, keep_checkpoints)                      # evaluate and checkpoint the final weights
+                if not run.at_total(): run.epoch, run.batch_in_epoch = run.epoch + 1, 0  # the epoch is over
+            _finish_run(run, keep_checkpoints)  # evaluate and checkpoint the final weights
     return run.history
