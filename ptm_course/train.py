@@ -13,6 +13,8 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,7 +31,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'History', 'CheckpointError', 'checkpoint_paths'
 
 # %% ../nbs/03a_training_loop.ipynb #3517bf67
 class History:
-    "One row per optimizer step (`step`, `epoch`, `loss`, `lr`, plus eval metrics when evaluated). Defined in chapter 3a."
+    """One row per optimizer step (`step`, `epoch`, `loss`, `lr`, plus eval metrics when evaluated).
+    Defined in chapter 3a."""
     def __init__(self, rows: list[dict] | None = None): self.rows = [dict(r) for r in rows or []]
     def __len__(self): return len(self.rows)
     def __iter__(self): return iter(self.rows)
@@ -149,28 +152,34 @@ def read_checkpoint_state(path) -> dict:
     path = Path(path)
     state_file = path/"state.json"
     try: state = json.loads(state_file.read_text())
-    except FileNotFoundError: raise CheckpointError(f"Checkpoint file {state_file} is missing: {path} is not a complete checkpoint.") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint file {state_file} is missing: {path} is not a complete "
+                              "checkpoint.") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"Checkpoint file {state_file} is corrupt (not valid JSON: {e}). "
                               f"Delete the folder {path} to resume from the checkpoint before it.") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"Checkpoint file {state_file} is not a ptm_course checkpoint of format {CHECKPOINT_FORMAT}.")
+        raise CheckpointError(f"Checkpoint file {state_file} is not a ptm_course checkpoint of format "
+                              f"{CHECKPOINT_FORMAT}.")
     for name, digest in state["files"].items():
         f = path/name
         if not f.is_file(): raise CheckpointError(f"Checkpoint file {f} is missing (listed in {state_file}).")
         actual = _sha256(f)
         if actual != digest:
             raise CheckpointError(f"Checkpoint file {f} is corrupt (sha256 {actual[:12]}..., {state_file} recorded "
-                                  f"{digest[:12]}...). Delete the folder {path} to resume from the checkpoint before it.")
+                                  f"{digest[:12]}...). Delete the folder {path} to resume from the checkpoint "
+                                  "before it.")
     return state
 
 def _load_tensors(path: Path, what: str):
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"Checkpoint file {path} could not be read as {what} with torch.load(weights_only=True): {e}") from e
+        raise CheckpointError(f"Checkpoint file {path} could not be read as {what} with "
+                              f"torch.load(weights_only=True): {e}") from e
 
 def load_weights(model: nn.Module, path, device=None) -> nn.Module:
-    "Load the weights of a checkpoint (a folder, the latest in a `checkpoint_dir`, or a `.safetensors` file) into `model`. Defined in chapter 3a."
+    """Load the weights of a checkpoint (a folder, the latest in a `checkpoint_dir`, or a `.safetensors` file)
+    into `model`. Defined in chapter 3a."""
     from safetensors.torch import load_model
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"No checkpoint found at {path}: it does not exist.")
@@ -224,8 +233,8 @@ def set_rng_state(state: dict, generators: Iterable[torch.Generator] = ()):
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     generators = list(generators)
     if len(generators) != len(state["loaders"]):
-        raise CheckpointError(f"The checkpoint has {len(state['loaders'])} data-loader generator(s) but this loader has "
-                              f"{len(generators)}: resume with a loader built the same way.")
+        raise CheckpointError(f"The checkpoint has {len(state['loaders'])} data-loader generator(s) but this loader "
+                              f"has {len(generators)}: resume with a loader built the same way.")
     for g, s in zip(generators, state["loaders"]): g.set_state(s)
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -261,7 +270,8 @@ def default_mixed_precision(device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 def native_bf16(device) -> bool:
-    "True where `device` computes in bfloat16 in hardware: CUDA GPUs that support it, x86 CPUs with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated, and slower than float32."
+    """True where `device` computes in bfloat16 in hardware: CUDA GPUs that support it, x86 CPUs with AVX512-BF16
+    or AMX. Elsewhere bf16 autocast is emulated, and slower than float32."""
     device = torch.device(device)
     if device.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu": return False
@@ -269,13 +279,16 @@ def native_bf16(device) -> bool:
     except (AttributeError, RuntimeError): return False  # a PyTorch without these probes: assume emulated
 
 def resolve_mixed_precision(mixed_precision: str | None, device) -> str:
-    "The precision `train` runs in on `device` when asked for `mixed_precision`: None/'auto' as `default_mixed_precision`, 'native' is 'bf16' where `native_bf16`, else 'no'."
+    """The precision `train` runs in on `device` when asked for `mixed_precision`: None/'auto' as
+    `default_mixed_precision`, 'native' is 'bf16' where `native_bf16`, else 'no'."""
     device = torch.device(device)
     precision = (default_mixed_precision(device) if mixed_precision in (None, "auto") else
                  ("bf16" if native_bf16(device) else "no") if mixed_precision == "native" else mixed_precision)
     if precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be None/'auto', 'native', 'no', 'bf16' or 'fp16', got {mixed_precision!r}.")
-    if precision == "fp16" and device.type != "cuda": raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no'.")
+        raise ValueError("mixed_precision must be None/'auto', 'native', 'no', 'bf16' or 'fp16', "
+                         f"got {mixed_precision!r}.")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no'.")
     return precision
 
 def _launched_processes() -> int:
@@ -297,21 +310,21 @@ def _make_accelerator(device: torch.device, mixed_precision: str, find_unused_pa
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
     cpu = device.type == "cpu"
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     if _launched_processes() == 1:
         current = PartialState._shared_state.get("device")
-        if current is not None and (current != device or AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision):
+        precision_now = AcceleratorState._shared_state.get("_mixed_precision", mixed_precision)
+        if current is not None and (current != device or precision_now != mixed_precision):
             AcceleratorState._reset_state(reset_partial_state=True)  # a new device or precision for this call
         old = os.environ.get("ACCELERATE_TORCH_DEVICE")
         os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)  # exactly this device, e.g. cuda:1
-        try: return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+        try: return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
         finally:
             if old is None: os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
             else: os.environ["ACCELERATE_TORCH_DEVICE"] = old
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 # %% ../nbs/03a_training_loop.ipynb #3bbe0292
 _RESERVED = ("step", "epoch", "loss", "lr", "grad_norm")
@@ -341,29 +354,37 @@ def _save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, histo
         if keep: [shutil.rmtree(old) for old in checkpoint_paths(root)[:-keep]]
     accelerator.wait_for_everyone()
 
-def _load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, steps_per_epoch: int | None) -> tuple[dict, dict]:
+def _load_checkpoint(path: Path, accelerator, model, optimizer, scheduler,
+                     steps_per_epoch: int | None) -> tuple[dict, dict]:
     state = read_checkpoint_state(path)
     if state["num_processes"] != accelerator.num_processes:
         raise CheckpointError(f"{path} was written by a run on {state['num_processes']} process(es); this run has "
                               f"{accelerator.num_processes}. Resume with the same number of processes.")
     if steps_per_epoch is not None and state["steps_per_epoch"] not in (None, steps_per_epoch):
-        raise CheckpointError(f"{path} was written with {state['steps_per_epoch']} batches per epoch; this train_loader has "
-                              f"{steps_per_epoch}. Resume with the same loader (data, batch_size, drop_last).")
-    load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), path/"model.safetensors", device=accelerator.device)
+        raise CheckpointError(f"{path} was written with {state['steps_per_epoch']} batches per epoch; this "
+                              f"train_loader has {steps_per_epoch}. Resume with the same loader (data, batch_size, "
+                              "drop_last).")
+    load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), path/"model.safetensors",
+                 device=accelerator.device)
     try: optimizer.load_state_dict(_load_tensors(path/"optimizer.pt", "an optimizer state"))
     except CheckpointError: raise
-    except Exception as e: raise CheckpointError(f"Checkpoint file {path/'optimizer.pt'} does not fit this optimizer: {e}") from e
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint file {path/'optimizer.pt'} does not fit this optimizer: {e}") from e
     has_scheduler = (path/"scheduler.pt").exists()
     if has_scheduler != (scheduler is not None):
-        raise CheckpointError(f"{path} {'has' if has_scheduler else 'has no'} scheduler state (scheduler.pt) but this run "
-                              f"{'has no' if scheduler is None else 'has a'} scheduler: resume with the same setup.")
+        raise CheckpointError(f"{path} {'has' if has_scheduler else 'has no'} scheduler state (scheduler.pt) but this "
+                              f"run {'has no' if scheduler is None else 'has a'} scheduler: resume with the same "
+                              "setup.")
     if scheduler is not None:
         try: scheduler.load_state_dict(_load_tensors(path/"scheduler.pt", "a scheduler state"))
         except CheckpointError: raise
-        except Exception as e: raise CheckpointError(f"Checkpoint file {path/'scheduler.pt'} does not fit this scheduler: {e}") from e
+        except Exception as e:
+            raise CheckpointError(f"Checkpoint file {path/'scheduler.pt'} does not fit this scheduler: {e}") from e
     rngs = _load_tensors(path/"rng.pt", "random generator states")
     try: rng = rngs[accelerator.process_index]; rng["epoch_start"]["torch"], rng["current"]["torch"]
-    except Exception as e: raise CheckpointError(f"Checkpoint file {path/'rng.pt'} does not hold the expected generator states ({e!r}).") from e
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint file {path/'rng.pt'} does not hold the expected generator states "
+                              f"({e!r}).") from e
     return state, rng
 
 # %% ../nbs/03a_training_loop.ipynb #b022b620
@@ -371,18 +392,21 @@ def _check_loss(loss, step: int):
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn must return a scalar tensor; at step {step} it returned a {type(loss).__name__}.")
     if loss.ndim != 0:
-        raise ValueError(f"loss_fn must return a scalar tensor (one number); at step {step} it returned a tensor of shape "
-                         f"{tuple(loss.shape)}. Reduce it, e.g. with .mean().")
+        raise ValueError(f"loss_fn must return a scalar tensor (one number); at step {step} it returned a tensor of "
+                         f"shape {tuple(loss.shape)}. Reduce it, e.g. with .mean().")
     if not loss.requires_grad:
-        raise ValueError(f"The loss at step {step} does not depend on any trainable parameter (requires_grad is False): "
-                         "did loss_fn detach it or compute it under torch.no_grad()?")
+        raise ValueError(f"The loss at step {step} does not depend on any trainable parameter (requires_grad is "
+                         "False): did loss_fn detach it or compute it under torch.no_grad()?")
 
 def _as_number(value, key: str):
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1: raise ValueError(f"eval_fn returned a tensor of shape {tuple(value.shape)} for {key!r}; metrics must be numbers.")
+        if value.numel() != 1:
+            raise ValueError(f"eval_fn returned a tensor of shape {tuple(value.shape)} for {key!r}; "
+                             "metrics must be numbers.")
         value = value.item()
     try: return float(value)
-    except (TypeError, ValueError): raise ValueError(f"eval_fn returned {value!r} for {key!r}; metrics must be numbers.") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"eval_fn returned {value!r} for {key!r}; metrics must be numbers.") from None
 
 def mean_loss(loss_fn: Callable) -> Callable:
     "An `eval_fn` that returns `{'val_loss': mean of loss_fn(model, batch) over the loader's batches}`."
@@ -402,42 +426,22 @@ def _evaluate(accelerator, model, eval_loader, eval_fn, generators) -> dict[str,
     finally:
         net.train(was_training)
         set_rng_state(saved, generators)
-    if not isinstance(metrics, dict): raise TypeError(f"eval_fn must return a dict of metrics, e.g. {{'accuracy': 0.9}}; it returned a {type(metrics).__name__}.")
+    if not isinstance(metrics, dict):
+        raise TypeError("eval_fn must return a dict of metrics, e.g. {'accuracy': 0.9}; it returned a "
+                        f"{type(metrics).__name__}.")
     clash = [k for k in metrics if k in _RESERVED]
-    if clash: raise ValueError(f"eval_fn returned {clash}, names the loop uses for training values; call them e.g. 'val_loss'.")
+    if clash:
+        raise ValueError(f"eval_fn returned {clash}, names the loop uses for training values; call them e.g. "
+                         "'val_loss'.")
     return {k: _as_number(v, k) for k, v in metrics.items()}
 
-# %% ../nbs/03a_training_loop.ipynb #c5888f50
-def _wrap_loader(loader, accelerator, shard: bool):
-    if isinstance(loader, torch.utils.data.DataLoader) and shard: return accelerator.prepare(loader)
-    n = accelerator.num_processes if shard else 1
-    if n == 1 and getattr(loader, "device", None) == accelerator.device: return loader  # a DeviceLoader already there
-    return _OnDevice(loader, accelerator.device, accelerator.process_index if shard else 0, n)
-
-def train(model: nn.Module,                        # the network; trained in place and left on the device
-          optimizer: torch.optim.Optimizer,         # over `model.parameters()`
-          train_loader,                             # re-iterable of batches: DataLoader, DeviceLoader, list, ...
-          loss_fn: Callable,                        # `loss_fn(model, batch)` -> scalar loss tensor; the batch is on the device
-          *,
-          epochs: int | None = None,                # passes over the data; None: 1, or as many as `max_steps` needs
-          max_steps: int | None = None,             # stop after this many optimizer steps (or at `epochs`, whichever is first)
-          scheduler=None,                           # learning-rate scheduler, stepped once per optimizer step
-          eval_loader=None,                         # held-out batches, evaluated every `eval_every` steps and at the end
-          eval_fn: Callable | None = None,          # `eval_fn(model, eval_loader)` -> dict of metrics; default: mean loss as 'val_loss'
-          eval_every: int | None = None,            # steps between evaluations
-          grad_clip: float | None = None,           # clip the gradient norm to this (and log `grad_norm`)
-          mixed_precision: str | None = None,       # None/'auto': 'bf16' on CUDA, else 'no'; 'native': 'bf16' wherever the hardware has it (CPU too); or 'no', 'bf16', 'fp16'
-          checkpoint_dir=None,                      # folder for checkpoints; one is saved at the end of the run
-          checkpoint_every: int | None = None,      # steps between checkpoints
-          resume: bool = False,                     # continue from the latest checkpoint in `checkpoint_dir`, if any
-          device=None,                              # default `get_device()` (under a launcher: this process's GPU)
-          desc: str = "train",                      # label of the progress bar
-          keep_checkpoints: int | None = 2,         # newest checkpoints to keep; None keeps all
-          find_unused_parameters: bool = False,     # for DistributedDataParallel: parameters that get no gradient in a step
-         ) -> History:                              # one row per step, eval metrics on the steps evaluated
-    "Train `model` in place with `loss_fn(model, batch)`: evaluate, checkpoint, resume; one process or several. Defined in chapter 3a."
+# %% ../nbs/03a_training_loop.ipynb #1e493f01
+def _check_arguments(epochs, max_steps, eval_every, checkpoint_every, eval_loader, eval_fn, checkpoint_dir, resume):
+    """`train`'s arguments checked before it touches the model. Returns `epochs` (1 where neither it nor `max_steps`
+    is given), the checkpoint folder and the latest checkpoint in it."""
     if epochs is None and max_steps is None: epochs = 1  # neither given: one pass over the data
-    if epochs is not None and epochs < 1: raise ValueError(f"epochs must be at least 1 (or None with max_steps), got {epochs}.")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be at least 1 (or None with max_steps), got {epochs}.")
     if max_steps is not None and max_steps < 1: raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
     for name, value in dict(eval_every=eval_every, checkpoint_every=checkpoint_every).items():
         if value is not None and value < 1: raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -447,129 +451,252 @@ def train(model: nn.Module,                        # the network; trained in pla
         raise ValueError("checkpoint_every and resume need a checkpoint_dir.")
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     latest = latest_checkpoint(root) if root is not None else None
-    if latest is not None and not resume:
-        raise FileExistsError(f"{root} already holds checkpoints of an earlier run (latest: {latest.name}). Pass resume=True to "
-                              "continue it, or delete the folder (or choose another) to start afresh.")
+    if latest is not None and not resume:  # never overwrite an earlier run by accident
+        raise FileExistsError(f"{root} already holds checkpoints of an earlier run (latest: {latest.name}). Pass "
+                              "resume=True to continue it, or delete the folder (or choose another) to start afresh.")
+    return epochs, root, latest
+
+@contextmanager
+def _prepared(accelerator, model: nn.Module, optimizer):
+    "Accelerate's model and optimizer for the run; the model is given back plain at the end, error or not."
+    own_forward = model.__dict__.get("forward")
+    prepared = accelerator.prepare(model, optimizer)  # not the scheduler: we step it once per step ourselves
+    try: yield prepared
+    finally:  # give the model back without Accelerate's autocast wrapper
+        accelerator.unwrap_model(prepared[0], keep_fp32_wrapper=False)
+        if own_forward is None: model.__dict__.pop("forward", None)
+        else: model.forward = own_forward
+
+# %% ../nbs/03a_training_loop.ipynb #b5b8ca11
+def _wrap_loader(loader, accelerator, shard: bool):
+    if isinstance(loader, torch.utils.data.DataLoader) and shard: return accelerator.prepare(loader)
+    n = accelerator.num_processes if shard else 1
+    if n == 1 and getattr(loader, "device", None) == accelerator.device: return loader  # a DeviceLoader already there
+    return _OnDevice(loader, accelerator.device, accelerator.process_index if shard else 0, n)
+
+@dataclass
+class _Run:
+    "Where one call of `train` stands, and what it trains with."
+    accelerator: object                 # the device, the precision, the processes
+    model: nn.Module                    # prepared by Accelerate (DistributedDataParallel under several processes)
+    optimizer: torch.optim.Optimizer    # prepared by Accelerate
+    scheduler: object                   # stepped once per optimizer step; None: a constant learning rate
+    loader: object                      # the train_loader: this process's share, on the device
+    evaluation: object                  # the eval_loader on the device, or None
+    eval_fn: Callable | None
+    root: Path | None                   # the checkpoint folder
+    latest: Path | None                 # its latest checkpoint when the run started
+    epochs: int | None
+    steps_per_epoch: int | None         # None: a loader without len(); an epoch ends when it runs out
+    total: int | None                   # optimizer steps of the whole run, when known
+    generators: list                    # the generators the loader draws its order from
+    history: History = field(default_factory=History)
+    step: int = 0                       # optimizer steps done
+    epoch: int = 0                      # epochs done
+    batch_in_epoch: int = 0             # batches of the current epoch done
+    epoch_rng: dict | None = None       # the generators' states at the start of the current epoch
+    resume_rng: dict | None = None      # a checkpoint's states (at its epoch's start and at its step), until used
+    last_eval: int | None = None        # the step last evaluated
+    last_checkpoint: int | None = None  # the step last checkpointed
+    bar: object = None                  # the progress bar
+    shown: dict = field(default_factory=dict)  # the values it shows
+
+    def at_total(self) -> bool: return self.total is not None and self.step >= self.total
+    def done(self) -> bool: return self.at_total() or (self.epochs is not None and self.epoch >= self.epochs)
+
+# %% ../nbs/03a_training_loop.ipynb #9bf5bb8a
+def _count_steps(loader, train_loader, accelerator, epochs, max_steps) -> tuple[int | None, int | None]:
+    "Steps per epoch and in the whole run, None where the loader has no len()."
+    try: steps_per_epoch = len(loader)
+    except TypeError: steps_per_epoch = None  # e.g. a loader over a stream: epochs end when it runs out
+    if steps_per_epoch == 0:
+        extra = f" for each of {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        raise ValueError(f"train_loader is empty: it gives no batches{extra} (len {len(train_loader)}). "
+                         "Check the data, batch_size and drop_last.")
+    total = None
+    if steps_per_epoch is not None and epochs is not None: total = steps_per_epoch*epochs
+    if max_steps is not None:
+        if total is not None and max_steps > total:
+            warnings.warn(f"max_steps={max_steps} is more than epochs × steps per epoch = {epochs} × "
+                          f"{steps_per_epoch}: training stops after {epochs} epoch(s). Leave epochs out (None) to "
+                          "train for max_steps.")
+        total = max_steps if total is None else min(total, max_steps)
+    return steps_per_epoch, total
+
+def _start_run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, eval_fn, *,
+               epochs, max_steps, root, latest, resume) -> _Run:
+    "The loaders on the device, the steps counted, and the state of `latest` put back when resuming."
+    loader = _wrap_loader(train_loader, accelerator, shard=True)
+    evaluation = _wrap_loader(eval_loader, accelerator, shard=False) if eval_loader is not None else None
+    steps_per_epoch, total = _count_steps(loader, train_loader, accelerator, epochs, max_steps)
+    run = _Run(accelerator, model, optimizer, scheduler, loader, evaluation, eval_fn, root, latest, epochs,
+               steps_per_epoch, total, _loader_generators(loader))
+    if resume and latest is not None: _resume(run)
+    elif resume and accelerator.is_main_process: print(f"No checkpoint in {root} yet: training from step 0.")
+    return run
+
+def _resume(run: _Run):
+    "Put back the state of checkpoint `run.latest`; the generators wait in `run.resume_rng` for the epoch to start."
+    state, run.resume_rng = _load_checkpoint(run.latest, run.accelerator, run.model, run.optimizer, run.scheduler,
+                                             run.steps_per_epoch)
+    run.history, run.step = History(state["history"]), state["step"]
+    run.epoch, run.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+    run.last_checkpoint = run.step
+    if run.history.rows and set(run.history.rows[-1]) - set(_RESERVED): run.last_eval = run.step
+    if run.steps_per_epoch is not None and run.batch_in_epoch >= run.steps_per_epoch:  # saved at the end of an epoch
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        set_rng_state(run.resume_rng["current"], run.generators)
+        run.resume_rng = None
+
+# %% ../nbs/03a_training_loop.ipynb #403d4421
+def _epoch_batches(run: _Run):
+    "An iterator over the batches of the next epoch, or over the rest of the interrupted one after a resume."
+    if run.resume_rng is not None:  # the same permutation as before the interruption, minus the batches done
+        run.epoch_rng = run.resume_rng["epoch_start"]
+        set_rng_state(run.epoch_rng, run.generators)
+        batches = iter(run.loader)
+        for i in range(run.batch_in_epoch):
+            try: next(batches)
+            except StopIteration:
+                raise CheckpointError(f"{run.latest} was taken after batch {run.batch_in_epoch} of an epoch but the "
+                                      f"train_loader now gives only {i}: resume with the same loader.") from None
+        set_rng_state(run.resume_rng["current"], run.generators)
+        run.resume_rng = None
+        return batches
+    if run.accelerator.num_processes > 1 and isinstance(run.loader, _OnDevice):
+        from accelerate.utils import RNGType, synchronize_rng_state
+        for g in run.generators: synchronize_rng_state(RNGType.GENERATOR, generator=g)  # one permutation for all
+    run.epoch_rng, run.batch_in_epoch = rng_state(run.generators), 0
+    return iter(run.loader)
+
+# %% ../nbs/03a_training_loop.ipynb #ba9e5f50
+def _train_step(run: _Run, batch, loss_fn: Callable, grad_clip: float | None) -> dict:
+    "Chapter 1's step of gradient descent on `batch`; returns the step's `History` values."
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    with accelerator.autocast(): loss = loss_fn(model, batch)        # 1. forward: the loss on this batch
+    value = _checked_loss(run, loss)                                 # 2. check: one finite number, or stop here
+    accelerator.backward(loss)                                       # 3. backward: the gradient, by autograd
+    clipped = {}
+    if grad_clip is not None:                                        # 4. update: clip the gradient norm if asked,
+        clipped["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+    lr = float(optimizer.param_groups[0]["lr"])                      #    (the learning rate of this update)
+    optimizer.step()                                                 #    θ ← θ − η∇L,
+    if scheduler is not None and not accelerator.optimizer_step_was_skipped:
+        scheduler.step()                                             #    then the learning rate of the next one
+    optimizer.zero_grad(set_to_none=True)                            # 5. zero the gradients for the next step
+    return dict(loss=value, lr=lr, **clipped)
+
+def _checked_loss(run: _Run, loss) -> float:
+    "The loss as a number (the mean over the processes); an error if it is not one finite number."
+    _check_loss(loss, run.step + 1)
+    value = loss.detach().float()
+    if run.accelerator.num_processes > 1: value = run.accelerator.reduce(value, reduction="mean")
+    value = value.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"The loss is {value} at step {run.step + 1} (batch {run.batch_in_epoch + 1} of "
+                                 f"epoch {run.epoch + 1}); the weights were not updated with it. Try a smaller "
+                                 "learning rate, grad_clip=1.0, or check the batch for NaN/inf values.")
+    return value
+
+# %% ../nbs/03a_training_loop.ipynb #4dceadb2
+def _log_evaluate_checkpoint(run: _Run, row: dict, eval_every, checkpoint_every, keep_checkpoints):
+    "Record the step just made; evaluate and checkpoint every `eval_every` and `checkpoint_every` steps."
+    epoch = run.epoch + run.batch_in_epoch/run.steps_per_epoch if run.steps_per_epoch else run.epoch
+    run.history.append(step=run.step, epoch=epoch, **row)
+    run.bar.update(1)
+    run.shown["loss"] = f"{row['loss']:.4f}"
+    if eval_every is not None and run.step % eval_every == 0: _evaluate_run(run)
+    run.bar.set_postfix(run.shown, refresh=False)
+    if checkpoint_every is not None and run.step % checkpoint_every == 0:
+        _checkpoint_run(run, keep_checkpoints, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch)
+
+def _evaluate_run(run: _Run):
+    "Evaluate the model now; the metrics go into the latest `History` row and onto the bar."
+    metrics = _evaluate(run.accelerator, run.model, run.evaluation, run.eval_fn, run.generators)
+    run.history.update_last(**metrics)
+    run.last_eval = run.step
+    run.shown.update({k: f"{v:.4g}" for k, v in metrics.items()})
+
+def _checkpoint_run(run: _Run, keep_checkpoints, *, epoch: int, batch_in_epoch: int):
+    _save_checkpoint(run.root, run.accelerator, run.model, run.optimizer, run.scheduler, run.history, step=run.step,
+                     epoch=epoch, batch_in_epoch=batch_in_epoch, steps_per_epoch=run.steps_per_epoch,
+                     epoch_rng=run.epoch_rng, generators=run.generators, keep=keep_checkpoints)
+    run.last_checkpoint = run.step
+
+def _finish_run(run: _Run, keep_checkpoints):
+    "Evaluate and checkpoint the final weights, unless the last step just did."
+    if run.evaluation is not None and run.last_eval != run.step and run.history.rows:
+        _evaluate_run(run)
+        run.bar.set_postfix(run.shown)
+    if run.root is not None and run.last_checkpoint != run.step:
+        if run.steps_per_epoch is None and run.batch_in_epoch == 0: run.epoch_rng = rng_state(run.generators)
+        epoch_ended = run.batch_in_epoch == 0 and run.steps_per_epoch is not None  # saved as its last batch
+        _checkpoint_run(run, keep_checkpoints, epoch=run.epoch - 1 if epoch_ended else run.epoch,
+                        batch_in_epoch=run.steps_per_epoch if epoch_ended else run.batch_in_epoch)
+
+@contextmanager
+def _progress_bar(run: _Run, desc: str):
+    "The run's progress bar, shown by process 0 and closed at the end; Ctrl-C says where the latest checkpoint is."
+    run.bar = progress(total=run.total, initial=run.step, desc=desc, disable=not run.accelerator.is_main_process)
+    try: yield run.bar
+    except KeyboardInterrupt:
+        if run.root is not None and run.accelerator.is_main_process:
+            saved = latest_checkpoint(run.root)
+            print(f"Interrupted at step {run.step + 1}. " + (
+                f"The latest checkpoint is {saved} (step {int(saved.name[5:])}): call train again with the same "
+                "arguments and resume=True to continue from it." if saved else "No checkpoint was written yet."))
+        raise
+    finally: run.bar.close()
+
+# %% ../nbs/03a_training_loop.ipynb #c5888f50
+def train(
+    model: nn.Module,                      # the network; trained in place and left on the device
+    optimizer: torch.optim.Optimizer,      # over `model.parameters()`
+    train_loader,                          # re-iterable of batches: DataLoader, DeviceLoader, list, ...
+    loss_fn: Callable,                     # `loss_fn(model, batch)` -> scalar loss tensor; the batch is on the device
+    *,
+    epochs: int | None = None,             # passes over the data; None: 1, or as many as `max_steps` needs
+    max_steps: int | None = None,          # stop after this many optimizer steps (or at `epochs`, whichever is first)
+    scheduler=None,                        # learning-rate scheduler, stepped once per optimizer step
+    eval_loader=None,                      # held-out batches, evaluated every `eval_every` steps and at the end
+    # `eval_fn(model, eval_loader)` -> dict of metrics; default: mean loss as 'val_loss'
+    eval_fn: Callable | None = None,
+    eval_every: int | None = None,         # steps between evaluations
+    grad_clip: float | None = None,        # clip the gradient norm to this (and log `grad_norm`)
+    # None/'auto': 'bf16' on CUDA, else 'no'; 'native': 'bf16' wherever the hardware has it; or 'no', 'bf16', 'fp16'
+    mixed_precision: str | None = None,
+    checkpoint_dir=None,                   # folder for checkpoints; one is saved at the end of the run
+    checkpoint_every: int | None = None,   # steps between checkpoints
+    resume: bool = False,                  # continue from the latest checkpoint in `checkpoint_dir`, if any
+    device=None,                           # default `get_device()` (under a launcher: this process's GPU)
+    desc: str = "train",                   # label of the progress bar
+    keep_checkpoints: int | None = 2,      # newest checkpoints to keep; None keeps all
+    find_unused_parameters: bool = False,  # for DistributedDataParallel: parameters that get no gradient in a step
+) -> History:                              # one row per step, eval metrics on the steps evaluated
+    """Train `model` in place with `loss_fn(model, batch)`: evaluate, checkpoint, resume; one process or several.
+    Defined in chapter 3a."""
+    # the arguments checked, then the device, the precision and Accelerate set up
+    epochs, root, latest = _check_arguments(epochs, max_steps, eval_every, checkpoint_every, eval_loader, eval_fn,
+                                            checkpoint_dir, resume)
     device = process_device(device)
     precision = resolve_mixed_precision(mixed_precision, device)
     eval_fn = eval_fn or (mean_loss(loss_fn) if eval_loader is not None else None)
-
     accelerator = _make_accelerator(device, precision, find_unused_parameters)
-    net, own_forward = model, model.__dict__.get("forward")
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is not prepared: we step it once per step ourselves
-    try:
-        loader = _wrap_loader(train_loader, accelerator, shard=True)
-        evaluation = _wrap_loader(eval_loader, accelerator, shard=False) if eval_loader is not None else None
-        try: steps_per_epoch = len(loader)
-        except TypeError: steps_per_epoch = None  # e.g. a loader over a stream: epochs end when it runs out
-        if steps_per_epoch == 0:
-            extra = f" for each of {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-            raise ValueError(f"train_loader is empty: it gives no batches{extra} (len {len(train_loader)}). "
-                             "Check the data, batch_size and drop_last.")
-        total = None
-        if steps_per_epoch is not None and epochs is not None: total = steps_per_epoch*epochs
-        if max_steps is not None:
-            if total is not None and max_steps > total:
-                warnings.warn(f"max_steps={max_steps} is more than epochs × steps per epoch = {epochs} × {steps_per_epoch}: "
-                              f"training stops after {epochs} epoch(s). Leave epochs out (None) to train for max_steps.")
-            total = max_steps if total is None else min(total, max_steps)
-        generators = _loader_generators(loader)
-        history, step, epoch, batch_in_epoch, resume_rng = History(), 0, 0, 0, None
-        last_eval = last_checkpoint = None
-        if resume and latest is not None:
-            state, resume_rng = _load_checkpoint(latest, accelerator, model, optimizer, scheduler, steps_per_epoch)
-            history, step, epoch, batch_in_epoch = History(state["history"]), state["step"], state["epoch"], state["batch_in_epoch"]
-            last_checkpoint = step
-            if history.rows and set(history.rows[-1]) - set(_RESERVED): last_eval = step
-            if steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch:  # saved at the end of an epoch
-                epoch, batch_in_epoch = epoch + 1, 0
-                set_rng_state(resume_rng["current"], generators)
-                resume_rng = None
-        elif resume and accelerator.is_main_process:
-            print(f"No checkpoint in {root} yet: training from step 0.")
-
-        def done(): return (total is not None and step >= total) or (epochs is not None and epoch >= epochs)
-        bar = progress(total=total, initial=step, desc=desc, disable=not accelerator.is_main_process)
-        shown = {}
-        try:
+    with _prepared(accelerator, model, optimizer) as (model, optimizer):  # given back plain at the end, error or not
+        # the loaders on the device, the steps counted; on resume, the checkpoint put back
+        run = _start_run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, eval_fn,
+                         epochs=epochs, max_steps=max_steps, root=root, latest=latest, resume=resume)
+        with _progress_bar(run, desc):  # closed at the end; after Ctrl-C it names the latest checkpoint
             model.train()
-            while not done():
-                if resume_rng is not None:  # the same permutation as before the interruption, minus the batches done
-                    epoch_rng = resume_rng["epoch_start"]
-                    set_rng_state(epoch_rng, generators)
-                    batches = iter(loader)
-                    for i in range(batch_in_epoch):
-                        try: next(batches)
-                        except StopIteration:
-                            raise CheckpointError(f"{latest} was taken after batch {batch_in_epoch} of an epoch but the "
-                                                  f"train_loader now gives only {i}: resume with the same loader.") from None
-                    set_rng_state(resume_rng["current"], generators)
-                    resume_rng = None
-                else:
-                    if accelerator.num_processes > 1 and isinstance(loader, _OnDevice):
-                        from accelerate.utils import RNGType, synchronize_rng_state
-                        for g in generators: synchronize_rng_state(RNGType.GENERATOR, generator=g)  # one permutation for all
-                    epoch_rng, batch_in_epoch = rng_state(generators), 0
-                    batches = iter(loader)
-                got_batch = batch_in_epoch > 0
-                for batch in batches:
-                    got_batch = True
-                    with accelerator.autocast(): loss = loss_fn(model, batch)
-                    _check_loss(loss, step + 1)
-                    value = loss.detach().float()
-                    if accelerator.num_processes > 1: value = accelerator.reduce(value, reduction="mean")
-                    value = value.item()
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"The loss is {value} at step {step + 1} (batch {batch_in_epoch + 1} of epoch {epoch + 1}); "
-                                                 "the weights were not updated with it. Try a smaller learning rate, grad_clip=1.0, "
-                                                 "or check the batch for NaN/inf values.")
-                    accelerator.backward(loss)
-                    row = {}
-                    if grad_clip is not None: row["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
-                    lr = float(optimizer.param_groups[0]["lr"])
-                    optimizer.step()
-                    if scheduler is not None and not accelerator.optimizer_step_was_skipped: scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                    history.append(step=step, epoch=epoch + batch_in_epoch/steps_per_epoch if steps_per_epoch else epoch,
-                                   loss=value, lr=lr, **row)
-                    bar.update(1)
-                    shown["loss"] = f"{value:.4f}"
-                    if eval_every is not None and step % eval_every == 0:
-                        metrics = _evaluate(accelerator, model, evaluation, eval_fn, generators)
-                        history.update_last(**metrics); last_eval = step
-                        shown.update({k: f"{v:.4g}" for k, v in metrics.items()})
-                    bar.set_postfix(shown, refresh=False)
-                    if checkpoint_every is not None and step % checkpoint_every == 0:
-                        _save_checkpoint(root, accelerator, model, optimizer, scheduler, history, step=step, epoch=epoch,
-                                         batch_in_epoch=batch_in_epoch, steps_per_epoch=steps_per_epoch, epoch_rng=epoch_rng,
-                                         generators=generators, keep=keep_checkpoints)
-                        last_checkpoint = step
-                    if total is not None and step >= total: break
-                if not got_batch:
-                    raise ValueError("train_loader gave no batches in an epoch: it is empty (or an exhausted iterator; pass a "
-                                     "re-iterable such as a list or a DataLoader, not a generator).")
-                if total is not None and step >= total: break
-                epoch, batch_in_epoch = epoch + 1, 0
-            if evaluation is not None and last_eval != step and history.rows:
-                metrics = _evaluate(accelerator, model, evaluation, eval_fn, generators)
-                history.update_last(**metrics)
-                shown.update({k: f"{v:.4g}" for k, v in metrics.items()}); bar.set_postfix(shown)
-            if root is not None and last_checkpoint != step:
-                if steps_per_epoch is None and batch_in_epoch == 0: epoch_rng = rng_state(generators)
-                _save_checkpoint(root, accelerator, model, optimizer, scheduler, history, step=step,
-                                 epoch=epoch if batch_in_epoch or steps_per_epoch is None else epoch - 1,
-                                 batch_in_epoch=batch_in_epoch if batch_in_epoch or steps_per_epoch is None else steps_per_epoch,
-                                 steps_per_epoch=steps_per_epoch, epoch_rng=epoch_rng, generators=generators, keep=keep_checkpoints)
-        except KeyboardInterrupt:
-            if root is not None and accelerator.is_main_process:
-                saved = latest_checkpoint(root)
-                print(f"Interrupted at step {step + 1}. " + (f"The latest checkpoint is {saved} (step {int(saved.name[5:])}): call train "
-                      "again with the same arguments and resume=True to continue from it." if saved else "No checkpoint was written yet."))
-            raise
-        finally: bar.close()
-    finally:
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # give the model back without Accelerate's autocast wrapper
-        if own_forward is None: net.__dict__.pop("forward", None)
-        else: net.forward = own_forward
-    return history
+            while not run.done():  # an epoch (after a resume, first the rest of the interrupted one)
+                for batch in _epoch_batches(run):
+                    row = _train_step(run, batch, loss_fn, grad_clip)  # the five steps, on this batch
+                    run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
+                    _log_evaluate_checkpoint(run, row, eval_every, checkpoint_every, keep_checkpoints)
+                    if run.at_total(): break
+                if run.batch_in_epoch == 0:  # not one batch in a whole epoch
+                    raise ValueError("train_loader gave no batches in an epoch: it is empty (or an exhausted iterator; "
+                                     "pass a re-iterable such as a list or a DataLoader, not a generator).")
+                if not run.at_total(): run.epoch, run.batch_in_epoch = run.epoch + 1, 0  # the epoch is over
+            _finish_run(run, keep_checkpoints)  # evaluate and checkpoint the final weights
+    return run.history
