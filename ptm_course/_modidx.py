@@ -432,7 +432,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'ptm_course.deploy._Workers.run': ('deployment.html#_workers.run', 'ptm_course/deploy.py'),
                                    'ptm_course.deploy._bounded_int': ('deployment.html#_bounded_int', 'ptm_course/deploy.py'),
                                    'ptm_course.deploy._check_file': ('deployment.html#_check_file', 'ptm_course/deploy.py'),
-                                   'ptm_course.deploy._connection_limit': ('deployment.html#_connection_limit', 'ptm_course/deploy.py'),
+                                   'ptm_course.deploy._connection_limits': ('deployment.html#_connection_limits', 'ptm_course/deploy.py'),
                                    'ptm_course.deploy._inside': ('deployment.html#_inside', 'ptm_course/deploy.py'),
                                    'ptm_course.deploy._manifest_files': ('deployment.html#_manifest_files', 'ptm_course/deploy.py'),
                                    'ptm_course.deploy._manifest_format': ('deployment.html#_manifest_format', 'ptm_course/deploy.py'),

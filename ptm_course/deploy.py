@@ -672,17 +672,20 @@ KEEP_ALIVE_S = 5.0       # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS = 200    # open connections beyond this are closed at once (lowered to fit the process's file-descriptor limit)
 MAX_HEADER_BYTES = 16_384
 
-def _connection_limit(wanted: int) -> int:
-    "`wanted`, lowered to leave 64 file descriptors for the models, logs and the listening socket; the soft limit is raised to the hard one first."
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 4096), hard))
-                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return max(8, min(wanted, soft - 64)) if soft != resource.RLIM_INFINITY else wanted
-    except ImportError: return wanted  # Windows: no RLIMIT_NOFILE
+def _connection_limits(wanted: int) -> tuple[int, int]:
+    "(connections, listen backlog) that fit this process's file-descriptor limit (the soft limit is raised to the hard one first): asyncio accepts up to a backlog of sockets at a time before the guard can close the excess, so the descriptors already open, a margin and twice the backlog are kept free."
+    try: import resource
+    except ImportError: return wanted, 128  # Windows: no RLIMIT_NOFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY: return wanted, 128
+    try: open_now = len(os.listdir("/proc/self/fd"))
+    except OSError: open_now = 64
+    backlog = int(min(128, max(16, soft//16)))
+    return int(max(8, min(wanted, soft - open_now - 32 - 2*backlog))), backlog
 
 def guarded_protocol(header_timeout: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
     "uvicorn's h11 protocol with two guards uvicorn lacks: a connection that has not sent a complete request head within `header_timeout` s gets a 408 and is closed; connections beyond `max_connections` are closed at once with a 503 (the descriptor is freed before the process runs out)."
@@ -731,11 +734,12 @@ def serve(folder=None, host: str = "127.0.0.1", port: int = 8000, log_level: str
     import uvicorn
     if folder is None: folder = ensure_bundle()
     app = create_app(folder, precision, workers=workers, max_queued=max_queued, body_timeout=body_timeout)
-    connections = _connection_limit(max_connections)
-    print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops)", flush=True)
+    connections, backlog = _connection_limits(max_connections)
+    print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops; at most {connections} "
+          "connections)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, http=guarded_protocol(header_timeout, connections),
                 timeout_keep_alive=keep_alive, limit_concurrency=connections + 1, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                backlog=min(2048, 2*connections), timeout_graceful_shutdown=5)
+                backlog=backlog, timeout_graceful_shutdown=5)
 
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port that nothing listens on right now."
