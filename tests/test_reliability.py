@@ -205,6 +205,10 @@ def test_a_client_that_aborts_an_upload_is_not_logged_as_a_500(server):
     assert "Traceback" not in new and " 500" not in new and "Exception" not in new, new[-2000:]
 
 
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and sets RLIMIT_NOFILE (Linux)")
+
+
+@LINUX
 def test_too_many_connections_under_a_256_descriptor_limit(bundle, tmp_path):
     "The issue's machine: 256 file descriptors. 700 connections held open: the server refuses the excess at once, keeps a quiet log and answers again as soon as they are gone."
     import resource
@@ -335,6 +339,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_
 
 # ---- the bounded load ----
 
+@LINUX
 def test_bounded_load_with_the_worst_inputs(bundle):
     "scripts/reliability_load.py: 4 clients for 20 s, valid requests mixed with the worst inputs; zero 5xx, /health p99 < 50 ms, RSS back within 100 MB."
     out = subprocess.run([sys.executable, str(ROOT/"scripts"/"reliability_load.py"), "--models", str(bundle)],
