@@ -39,7 +39,7 @@ def worst_png(side: int = 4096) -> bytes:
 
 @pytest.fixture(scope="module")
 def bundle():
-    return D.build_bundle()  # fast mode under pytest: seconds of training; shared with tests/test_deploy.py in one session
+    return D.ensure_bundle()  # fast mode under pytest: seconds of training; tests/test_deploy.py's folder when it ran first
 
 
 @pytest.fixture(scope="module")
