@@ -199,7 +199,7 @@ def pretrain_bert(output_dir=None, *, tokenizer=None, config=None, data: dict | 
     valid = DeviceLoader(data["valid"], batch_size=64, shuffle=False)
     unigram = unigram_log_probs(data["train_ids"], config.vocab_size)
     eval_fn = lambda m, dl: evaluate_mlm(m, dl, tokenizer, unigram, mlm_probability)
-    from .train import latest_checkpoint
+    from ptm_course.train import latest_checkpoint
     resumed = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
     first_step = min(int(resumed.name[5:]), steps) if resumed is not None else 0  # tokens/s counts only the steps run here
     start = time.perf_counter()
