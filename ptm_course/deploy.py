@@ -545,15 +545,16 @@ def _openapi() -> dict:
     return dict(digits=route(digits, (400, 404, 408, 413, 415, 422, 503)),
                 reviews=route({"application/json": {"schema": ReviewRequest.model_json_schema()}}, (400, 404, 408, 413, 415, 422, 503)))
 
-def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max_queued: int = MAX_QUEUED, body_timeout: float = BODY_TIMEOUT_S):
-    "The FastAPI application serving the models of `folder` (default: `default_bundle_dir()`) and the page; CPU work runs in a pool of `workers` threads with at most `max_queued` requests waiting."
+def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max_queued: int = MAX_QUEUED, body_timeout: float = BODY_TIMEOUT_S,
+               model_threads: int | None = 1):
+    "The FastAPI application serving the models of `folder` (default: `default_bundle_dir()`) and the page; CPU work runs in a pool of `workers` threads with at most `max_queued` requests waiting, each model call on `model_threads` threads (1: the pool's threads are the parallelism, and no ONNX Runtime thread spins next to the event loop; None: torch's thread count)."
     import logging
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
-    models = ServedModels(folder if folder is not None else default_bundle_dir(), precision)
+    models = ServedModels(folder if folder is not None else default_bundle_dir(), precision, threads=model_threads)
     pool = _Workers(workers, max_queued)
     log = logging.getLogger("ptm_course.serve")
     app = FastAPI(title="ptm-course models", version="1", description="Digit classification and review sentiment from the ptm-course models.")
