@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
     s.add_argument("--precision", choices=["int8", "fp32"], default="int8", help="which of the folder's files to serve (default: int8)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
+    s.add_argument("--header-timeout", type=float, default=10, metavar="S", help="a request's headers must arrive within S seconds (default: 10)")
+    s.add_argument("--body-timeout", type=float, default=15, metavar="S", help="a request's body must arrive within S seconds (default: 15)")
+    s.add_argument("--keep-alive", type=float, default=5, metavar="S", help="idle keep-alive connections are closed after S seconds (default: 5)")
+    s.add_argument("--max-connections", type=int, default=200, metavar="N", help="open connections beyond N are refused (default: 200)")
+    s.add_argument("--workers", type=int, default=2, metavar="N", help="threads that decode images and run the models (default: 2)")
     t = sub.add_parser("tour", help="the course end to end on MNIST: pretrain, fine-tune, compress, export, benchmark, report")
     t.add_argument("--out", metavar="DIR", help="where to write the report and models (default: ./ptm-course-tour)")
     t.add_argument("--fast", action="store_true", help="a tiny run in seconds (a smoke test, not results)")
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return generate_cli(check=args.check)
     if args.command == "serve":
         from ptm_course.deploy import serve
-        try: serve(args.models, host=args.host, port=args.port, log_level=args.log_level, precision=args.precision)
+        try: serve(args.models, host=args.host, port=args.port, log_level=args.log_level, precision=args.precision,
+                   header_timeout=args.header_timeout, body_timeout=args.body_timeout, keep_alive=args.keep_alive,
+                   max_connections=args.max_connections, workers=args.workers)
         except (FileNotFoundError, ValueError) as e:
             print(f"ptm-course serve: {e}", file=sys.stderr)
             return 1

@@ -68,14 +68,17 @@ def _stamp_path(path: Path) -> Path:
     return cache_dir("verified")/f"{key}.json"
 
 def verify_file(path: Path | str, expected: str, algorithm: str = "sha256", what: str | None = None, force: bool = False) -> Path:
-    "Check `path` against its `expected` digest once per cache (always if `force`); raise `DataFileError` naming it if wrong."
+    "Check `path` against its `expected` digest once per cache (always if `force`, or if its size, mtime, ctime or inode changed since); raise `DataFileError` naming it if wrong."
     path = Path(path)
     what = what or path.name
     if not path.is_file():
         raise DataFileError(f"{what} is missing: {path} does not exist. {RESTORE_HINT}")
     st = path.stat()
     stamp_file = _stamp_path(path)
-    record = dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns, algorithm=algorithm, digest=expected)
+    # any write to the file changes its ctime (which, unlike the mtime, cannot be set back) or, when replaced, its inode:
+    # a same-size edit with the old mtime restored is checked again like any other
+    record = dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino,
+                  algorithm=algorithm, digest=expected)
     try:
         if not force and json.loads(stamp_file.read_text()) == record: return path
     except (OSError, ValueError): pass
@@ -125,10 +128,12 @@ def mnist_root() -> Path:
     return root
 
 # %% ../nbs/02_data.ipynb #57870ccc
-def read_idx(path: Path | str) -> np.ndarray:
-    "Read an IDX file (MNIST's format: big-endian header, then uint8 data), gzip-compressed or not."
+def read_idx(path: Path | str, md5: str | None = None) -> np.ndarray:
+    "Read an IDX file (MNIST's format: big-endian header, then uint8 data), gzip-compressed or not; with `md5`, the bytes read are checked against it (`DataFileError` if they differ)."
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as f: data = f.read()
+    if md5 is not None and hashlib.md5(data).hexdigest() != md5:
+        raise DataFileError(f"{Path(path).name} is corrupt (md5 mismatch of the bytes read from {path}). {RESTORE_HINT}")
     magic = int.from_bytes(data[:4], "big")
     if magic >> 8 != 0x08:  # 0x08: unsigned byte data
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {magic:#x}).")
@@ -140,12 +145,19 @@ def read_idx(path: Path | str) -> np.ndarray:
     return body.reshape(shape)
 
 def load_mnist(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "MNIST images as uint8 `(N, 28, 28)` and labels as int64 `(N,)`, from the verified raw files."
-    raw = mnist_root()/"MNIST"/"raw"
+    "MNIST images as uint8 `(N, 28, 28)` and labels as int64 `(N,)`, from the raw files, checked against their md5 as they are read (a cache copy changed since it was verified is rebuilt from the bundled one)."
     prefix = "train" if train else "t10k"
-    images = torch.from_numpy(read_idx(raw/f"{prefix}-images-idx3-ubyte").copy())
-    labels = torch.from_numpy(read_idx(raw/f"{prefix}-labels-idx1-ubyte").astype(np.int64))
+    def read(name):
+        path = mnist_root()/"MNIST"/"raw"/name
+        try: return read_idx(path, MNIST_MD5[name])
+        except DataFileError:  # changed after its verification: drop the stamp, let mnist_root rebuild it, read again
+            _stamp_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            return read_idx(mnist_root()/"MNIST"/"raw"/name, MNIST_MD5[name])
+    images = torch.from_numpy(read(f"{prefix}-images-idx3-ubyte").copy())
+    labels = torch.from_numpy(read(f"{prefix}-labels-idx1-ubyte").astype(np.int64))
     return images, labels
+
 
 # %% ../nbs/02_data.ipynb #41dec14b
 def mnist_tensors(train: bool = True, device=None, normalize: bool = True, limit: int | None = None):
@@ -235,7 +247,13 @@ AUSTEN_NOVELS = ("Emma", "Mansfield Park", "Northanger Abbey", "Persuasion", "Pr
 
 def austen_novels() -> dict[str, str]:
     "The text of each of Jane Austen's six novels, by title, in the order of the bundled file."
-    with gzip.open(bundled_file("austen.txt.gz"), "rt", encoding="utf-8") as f: text = f.read()
+    import zlib
+    path = bundled_file("austen.txt.gz")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f: text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # a bad header (BadGzipFile), a cut or damaged stream, bad UTF-8
+        raise DataFileError(f"Bundled data file 'austen.txt.gz' is corrupt: {path} cannot be decompressed ({type(e).__name__}: {e}). "
+                            f"{RESTORE_HINT}") from None
     lines = text.splitlines()
     titles = {t.lower(): t for t in AUSTEN_NOVELS}
     starts = [(i, titles[l.strip().lower()]) for i, l in enumerate(lines) if l.strip().lower() in titles]

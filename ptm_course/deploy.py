@@ -34,13 +34,15 @@ from .core import cache_dir, fast_or_full, get_device, is_fast
 from .data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 # %% auto #0
-__all__ = ['MANIFEST', 'DIGIT_LABELS', 'MAX_BODY_BYTES', 'MAX_REVIEW_BYTES', 'MAX_REVIEW_CHARS', 'MAX_IMAGE_PIXELS', 'PAGE',
-           'default_bundle_dir', 'write_manifest', 'read_manifest', 'course_models', 'export_digit_models',
-           'build_bundle', 'ensure_bundle', 'verify_onnx', 'device_sync', 'cnn_runners', 'text_runners',
-           'measure_runners', 'plot_latency', 'format_latency', 'RequestError', 'media_type', 'parse_json_object',
-           'parse_review_request', 'validate_review_request', 'decode_image', 'prepare_digit', 'normalize_digits',
-           'parse_digit_request', 'ServedModels', 'create_app', 'serve', 'free_port', 'server_process', 'load_test',
-           'serving_requests', 'bench_deploy', 'format_deploy']
+__all__ = ['MANIFEST', 'DIGIT_LABELS', 'MAX_BODY_BYTES', 'MAX_REVIEW_BYTES', 'MAX_REVIEW_CHARS', 'MAX_IMAGE_PIXELS',
+           'MAX_IMAGE_SIDE', 'IMAGE_FORMATS', 'MAX_INT_DIGITS', 'WORKERS', 'MAX_QUEUED', 'BODY_TIMEOUT_S', 'PAGE',
+           'HEADER_TIMEOUT_S', 'KEEP_ALIVE_S', 'MAX_CONNECTIONS', 'MAX_HEADER_BYTES', 'default_bundle_dir',
+           'write_manifest', 'read_manifest', 'course_models', 'export_digit_models', 'build_bundle', 'ensure_bundle',
+           'verify_onnx', 'device_sync', 'cnn_runners', 'text_runners', 'measure_runners', 'plot_latency',
+           'format_latency', 'RequestError', 'media_type', 'parse_json_object', 'parse_review_request',
+           'validate_review_request', 'decode_image', 'prepare_digit', 'normalize_digits', 'parse_digit_request',
+           'ServedModels', 'ClientGone', 'create_app', 'guarded_protocol', 'serve', 'free_port', 'ServerURL',
+           'server_process', 'load_test', 'serving_requests', 'bench_deploy', 'format_deploy']
 
 # %% ../nbs/08_deployment.ipynb #d6c5e291
 MANIFEST = "manifest.json"
@@ -57,32 +59,88 @@ def default_bundle_dir() -> Path:
     "Where `build_bundle` writes, and `ptm-course serve` reads, by default: the course cache, one folder per mode."
     return cache_dir("deploy", "fast" if is_fast() else "full")
 
-def write_manifest(folder, **models: dict) -> Path:
-    "Write `manifest.json` in `folder` for `models` (name → {'file', 'labels', ...}), adding each file's size and SHA-256."
+def _manifest_files(folder: Path, models: dict) -> dict[str, dict]:
+    "Every file the models of a manifest use, relative to `folder`: each model file and every file of its tokenizer folder."
+    files = {}
+    for spec in models.values():
+        files[spec["file"]] = folder/spec["file"]
+        if spec.get("tokenizer"):
+            for f in sorted((folder/spec["tokenizer"]).rglob("*")):
+                if f.is_file(): files[f.relative_to(folder).as_posix()] = f
+    return files
+
+def write_manifest(folder, fast_mode: bool | None = None, **models: dict) -> Path:
+    "Write `manifest.json` in `folder` for `models` (name → {'file', 'labels', ...}), adding each file's size and SHA-256, and the SHA-256 of every file of each model's tokenizer folder; `fast_mode` defaults to `is_fast()`."
     folder = Path(folder)
     entries = {}
     for name, spec in models.items():
         path = folder/spec["file"]
         entries[name] = {**spec, "size_mb": round(file_size_mb(path), 3), "sha256": _sha256(path)}
-    manifest = {"format": 1, "fast_mode": is_fast(), "models": entries}
+    files = {rel: {"size": f.stat().st_size, "sha256": _sha256(f)} for rel, f in _manifest_files(folder, entries).items()}
+    manifest = {"format": 2, "fast_mode": is_fast() if fast_mode is None else bool(fast_mode), "models": entries, "files": files}
     (folder/MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return folder/MANIFEST
 
+def _inside(folder: Path, rel, where: str, path: Path) -> Path:
+    "`folder/rel` if `rel` is a relative path that stays inside `folder` (symbolic links resolved), else a `ValueError` naming the manifest."
+    if not isinstance(rel, str) or not rel.strip():
+        raise ValueError(f"{path}: {where} must be a file name (a non-empty string), not {rel!r}. Rebuild the folder with `build_bundle`.")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel:
+        raise ValueError(f"{path}: {where} is {rel!r}, a path outside the model folder; a manifest names files inside its folder "
+                         "(relative, no '..'). Rebuild the folder with `build_bundle`.")
+    target = folder/p
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{path}: {where} {rel!r} leads outside the model folder (a symbolic link to {target.resolve()}); "
+                         "copy the file into the folder instead.")
+    return target
+
+def _check_file(name: str, f: Path, sha256, path: Path):
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"{path}: the entry for {name} has no valid \"sha256\" (64 hex digits; found {sha256!r}). "
+                         "Rebuild the folder with `build_bundle` (it writes the manifest).")
+    if not f.is_file(): raise FileNotFoundError(f"{name}: {f} is missing; rebuild the folder with `build_bundle`.")
+    if _sha256(f) != sha256: raise ValueError(f"{name}: {f} does not match its SHA-256 in {path}: the file was changed or "
+                                               "damaged. Rebuild the folder with `build_bundle`.")
+
 def read_manifest(folder) -> dict:
-    "The manifest of a model folder, with every file it names checked against its SHA-256; a clear error when anything is missing or changed."
+    "The manifest of a model folder, with every file it names (models and tokenizer files) checked against its SHA-256 and confined to the folder; a clear error naming the manifest when anything is missing, changed or malformed."
     folder = Path(folder).expanduser()
     path = folder/MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"No {MANIFEST} in {folder}: this is not a model folder. Build one with `ptm-course serve` (it builds "
                                 "the default folder when missing), `ptm_course.deploy.build_bundle(folder)` or `ptm-course tour`.")
-    try: manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e}): rebuild the folder with `build_bundle`.") from e
-    for name, spec in manifest.get("models", {}).items():
-        f = folder/spec["file"]
-        if not f.exists(): raise FileNotFoundError(f"{name}: {f} is missing; rebuild the folder with `build_bundle`.")
-        if _sha256(f) != spec["sha256"]: raise ValueError(f"{name}: {f} does not match its SHA-256 in {path}: the file was changed or "
-                                                            "damaged. Rebuild the folder with `build_bundle`.")
+    try: manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}): rebuild the folder with `build_bundle`.") from None
+    def bad(what): return ValueError(f"{path} is malformed: {what}. Rebuild the folder with `build_bundle` (it writes the manifest).")
+    if not isinstance(manifest, dict): raise bad(f"it holds a {type(manifest).__name__}, not an object")
+    models = manifest.get("models")
+    if not isinstance(models, dict) or not models: raise bad("\"models\" must be an object naming at least one model")
+    for name, spec in models.items():
+        if not isinstance(spec, dict): raise bad(f"the entry for {name!r} is a {type(spec).__name__}, not an object")
+        for key, kind in (("file", str), ("labels", list)):
+            if not isinstance(spec.get(key), kind): raise bad(f"the entry for {name!r} has no {key!r} ({kind.__name__})")
+        if not all(isinstance(l, str) for l in spec["labels"]): raise bad(f"the labels of {name!r} are not all strings")
+        _check_file(name, _inside(folder, spec["file"], f"the file of {name!r}", path), spec.get("sha256"), path)
+        if spec.get("tokenizer") is not None:
+            tok = _inside(folder, spec["tokenizer"], f"the tokenizer of {name!r}", path)
+            if not tok.is_dir(): raise FileNotFoundError(f"{name}: its tokenizer folder {tok} is missing; rebuild the folder with `build_bundle`.")
+            files = manifest.get("files")
+            if not isinstance(files, dict): raise bad(f"{name!r} has a tokenizer but the manifest lists no \"files\" with their SHA-256 "
+                                                      "(an older format that did not cover the tokenizer)")
+            for f in sorted(tok.rglob("*")):
+                rel = f.relative_to(folder).as_posix()
+                if f.is_symlink() or not f.resolve().is_relative_to(folder.resolve()):
+                    raise ValueError(f"{path}: {rel} is a symbolic link; a model folder holds its files, copy them in.")
+                if f.is_file() and rel not in files:
+                    raise ValueError(f"{name}: {f} is not listed in {path}: a file was added to the tokenizer folder. Remove it or "
+                                     "rebuild the folder with `build_bundle`.")
+    for rel, entry in (manifest.get("files") or {}).items():
+        if not isinstance(entry, dict): raise bad(f"the \"files\" entry for {rel!r} is a {type(entry).__name__}, not an object")
+        _check_file(rel, _inside(folder, rel, f"the file {rel!r}", path), entry.get("sha256"), path)
     return manifest
+
 
 # %% ../nbs/08_deployment.ipynb #d58c939a
 def course_models(reviews: bool = True, device=None) -> dict:
@@ -131,11 +189,18 @@ def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
     write_manifest(folder, **models)
     return folder
 
+def _manifest_format(path) -> int:
+    try: return int(json.loads(Path(path).read_text()).get("format", 1))
+    except Exception: return 0
+
 def ensure_bundle(folder=None, device=None) -> Path:
     "`folder` (default: `default_bundle_dir()`), built by `build_bundle` first when it has no manifest."
     folder = Path(folder) if folder is not None else default_bundle_dir()
     if not (folder/MANIFEST).exists():
         print(f"building the model folder {folder} (first run: trains what the course cache lacks, minutes on a CPU)", flush=True)
+        build_bundle(folder, device=device)
+    elif _manifest_format(folder/MANIFEST) < 2:  # written before the manifest covered the tokenizer
+        print(f"rebuilding the model folder {folder}: its manifest predates the one that covers the tokenizer files", flush=True)
         build_bundle(folder, device=device)
     return folder
 
@@ -225,26 +290,38 @@ def format_latency(rows: list[dict]) -> str:
 # %% ../nbs/08_deployment.ipynb #9b9f0e8f
 class RequestError(Exception):
     "A bad request: `status` (4xx) and a `message` that says what is wrong and how to fix it."
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 MAX_BODY_BYTES = 2_000_000  # far above a canvas drawing as PNG; a phone photo of a digit fits too
 MAX_REVIEW_BYTES, MAX_REVIEW_CHARS = 65_536, 2_000
-MAX_IMAGE_PIXELS = 4096*4096
+MAX_IMAGE_PIXELS = 1024*1024  # checked on the header, before decoding; a JPEG up to 64× larger is decoded at a reduced scale
+MAX_IMAGE_SIDE = 560  # larger images are reduced (by a whole factor) to about this size before they are prepared
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what the page and clients send; Pillow's other formats are refused
+MAX_INT_DIGITS = 1000  # no number of this API needs more; Python refuses to convert integers of over 4,300 digits anyway
 
 def media_type(content_type: str | None) -> str:
     "'application/json; charset=utf-8' → 'application/json' (lower case, parameters dropped)."
     return (content_type or "").split(";")[0].strip().lower()
 
+def _bounded_int(digits: str) -> int:
+    if len(digits) > MAX_INT_DIGITS:
+        raise RequestError(400, f"The JSON holds an integer with {len(digits):,} digits; numbers here have at most {MAX_INT_DIGITS:,} "
+                                "digits (pixels are 0 to 255): send the values the API expects.")
+    return int(digits)
+
 def parse_json_object(content_type: str | None, body: bytes, max_bytes: int) -> dict:
-    "The JSON object in `body`, or a `RequestError`: 415 not JSON, 413 too large, 400 not UTF-8, malformed or not an object."
+    "The JSON object in `body`, or a `RequestError`: 415 not JSON, 413 too large, 400 not UTF-8, malformed, nested too deeply, an absurdly long integer, or not an object."
     if media_type(content_type) != "application/json":
         raise RequestError(415, f"Content-Type is {content_type or 'missing'!r}; send the body as JSON with 'Content-Type: application/json'.")
     if len(body) > max_bytes: raise RequestError(413, f"The body has {len(body):,} bytes; the limit is {max_bytes:,}.")
-    try: value = json.loads(body.decode("utf-8"))
+    try: value = json.loads(body.decode("utf-8"), parse_int=_bounded_int)
     except UnicodeDecodeError as e: raise RequestError(400, f"The body is not UTF-8 text (byte {e.start}): send JSON encoded as UTF-8.") from None
     except json.JSONDecodeError as e: raise RequestError(400, f"The body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
+    except RecursionError:
+        raise RequestError(400, "The JSON is nested too deeply (thousands of levels of [ or {): send a flat object such as {\"text\": \"...\"}.") from None
+    except ValueError as e: raise RequestError(400, f"The body is not JSON this server reads ({str(e)[:120]}).") from None
     if not isinstance(value, dict):
         raise RequestError(400, f"The JSON body is a {type(value).__name__}, not an object: send an object such as {{\"text\": \"...\"}}.")
     return value
@@ -256,6 +333,10 @@ def parse_review_request(content_type: str | None, body: bytes, max_bytes: int =
     text = obj["text"]
     if not isinstance(text, str): raise RequestError(422, f"\"text\" is a {type(text).__name__}, not a string.")
     if not text.strip(): raise RequestError(422, "\"text\" is empty: there is nothing to classify.")
+    try: text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(422, f"\"text\" holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), which is not a "
+                                "character: send valid Unicode text (a surrogate pair's two halves together, or the character itself).") from None
     if len(text) > max_chars: raise RequestError(422, f"\"text\" has {len(text):,} characters; the limit is {max_chars:,}.")
     return text
 
@@ -267,24 +348,31 @@ def validate_review_request(content_type: str | None, body: bytes, max_bytes: in
 
 # %% ../nbs/08_deployment.ipynb #9155d4d6
 def decode_image(data: bytes) -> np.ndarray:
-    "Image bytes (PNG, JPEG, ...) as a grayscale (H, W) float32 array in [0, 1]; transparent areas count as white; `RequestError` 422/413 if not an image or too large."
+    "Image bytes (PNG, JPEG, WEBP or GIF) as a grayscale (H, W) float32 array in [0, 1]; transparent areas count as white. The size is checked on the header, before decoding: a JPEG over `MAX_IMAGE_PIXELS` is decoded at 1/2, 1/4 or 1/8 scale (`draft`), other images over it get a 413; a decoded image larger than `MAX_IMAGE_SIDE` is reduced by a whole factor. `RequestError` 422 if not such an image."
     from PIL import Image, UnidentifiedImageError
-    if not data: raise RequestError(422, "The image is empty: send the bytes of a PNG or JPEG file.")
+    formats = ", ".join(IMAGE_FORMATS[:-1]) + " or " + IMAGE_FORMATS[-1]
+    if not data: raise RequestError(422, f"The image is empty: send the bytes of a {formats} file.")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width*img.height > MAX_IMAGE_PIXELS:
-                raise RequestError(413, f"The image is {img.width}×{img.height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels.")
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            w, h = img.size
+            if w*h > MAX_IMAGE_PIXELS:
+                scale = next((f for f in (2, 4, 8) if -(-w//f)*-(-h//f) <= MAX_IMAGE_PIXELS), None) if img.format == "JPEG" else None
+                if scale is None or img.draft("L", (-(-w//scale), -(-h//scale))) is None or img.width*img.height > MAX_IMAGE_PIXELS:
+                    raise RequestError(413, f"The image is {w}×{h} = {w*h:,} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels "
+                                            f"(a JPEG may be up to 64 times larger): send a smaller image, a digit needs about 280×280.")
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 rgba = img.convert("RGBA")
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            gray = np.asarray(img.convert("L"), dtype=np.float32)/255.0
+                gray = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
+            else: gray = img.convert("L")
+        factor = -(-max(gray.size)//MAX_IMAGE_SIDE)
+        if factor > 1: gray = gray.reduce(factor)
+        return np.asarray(gray, dtype=np.float32)/255.0
     except RequestError: raise
     except UnidentifiedImageError:
-        raise RequestError(422, f"The data ({len(data):,} bytes starting {data[:8]!r}) is not an image format this server reads: send a PNG or JPEG.") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise RequestError(422, f"The data is not an image this server can read ({type(e).__name__}: {e}); send a PNG or JPEG.") from None
-    return gray
+        raise RequestError(422, f"The data ({len(data):,} bytes starting {data[:8]!r}) is not an image format this server reads: send a {formats}.") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
+        raise RequestError(422, f"The data is not an image this server can read ({type(e).__name__}: {str(e)[:200]}); send a {formats}.") from None
 
 def prepare_digit(image: np.ndarray, threshold: float = 0.2) -> np.ndarray:
     "Any grayscale drawing (H, W) in [0, 1] made to look like an MNIST digit: light on dark, the ink scaled to fit 20×20, centered by its center of mass in 28×28. Returns (28, 28) float32 in [0, 1]."
@@ -323,7 +411,9 @@ def parse_digit_request(content_type: str | None, body: bytes, max_bytes: int = 
     obj = parse_json_object(content_type, body, max_bytes)
     if "pixels" in obj:
         try: pixels = np.asarray(obj["pixels"], dtype=np.float32)
-        except (ValueError, TypeError):
+        except OverflowError:
+            raise RequestError(422, "\"pixels\" holds a number too large for any image: send numbers between 0 and 1, or between 0 and 255.") from None
+        except (ValueError, TypeError, RecursionError):
             raise RequestError(422, "\"pixels\" must be 28 rows of 28 numbers (a ragged or non-numeric list was sent).") from None
         if pixels.shape != (28, 28): raise RequestError(422, f"\"pixels\" has shape {pixels.shape}; expected 28 rows of 28 numbers (MNIST layout).")
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
@@ -386,40 +476,105 @@ class ServedModels:
         return {task: {k: spec[k] for k in ("file", "precision", "test_accuracy", "test_examples", "sha256")} for task, spec in self.specs.items()}
 
 # %% ../nbs/08_deployment.ipynb #973557d5
-async def _read_body(request, max_bytes: int) -> bytes:
-    "The request body, refused with 413 as soon as it (or its declared Content-Length) passes `max_bytes`."
+WORKERS = 2           # threads that decode images and run the models: what one burst of requests can take, in CPU and memory
+MAX_QUEUED = 32       # requests waiting for a worker; beyond this a request gets a 503 with Retry-After at once
+BODY_TIMEOUT_S = 15.0 # the whole body must arrive within this, once the headers have
+
+class ClientGone(Exception):
+    "The client closed the connection before its request body arrived: nothing to answer, nothing to log above INFO."
+
+async def _read_body(request, max_bytes: int, timeout: float | None = None) -> bytes:
+    "The request body, refused with 413 as soon as it (or its declared Content-Length) passes `max_bytes`, with 408 if it takes longer than `timeout` seconds (default `BODY_TIMEOUT_S`); `ClientGone` if the client hangs up."
+    import asyncio
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise RequestError(413, f"The body has {int(declared):,} bytes; the limit is {max_bytes:,}.")
+    timeout = BODY_TIMEOUT_S if timeout is None else timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        try: message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"The body did not arrive within {timeout:g} s ({size:,} bytes came): send the whole request at "
+                                    "once.") from None
+        if message["type"] == "http.disconnect": raise ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes: raise RequestError(413, f"The body has more than {max_bytes:,} bytes, the limit.")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False): return b"".join(chunks)
 
-def create_app(folder=None, precision: str = "int8"):
-    "The FastAPI application serving the models of `folder` (default: `default_bundle_dir()`) and the page."
+class _Workers:
+    "A bounded pool for the CPU work of requests (decoding, tokenizing, the models), off the event loop so `/health` and the page stay fast."
+    def __init__(self, workers: int = WORKERS, max_queued: int = MAX_QUEUED):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ptm-serve")
+        self.limit, self.busy = workers + max_queued, 0
+    async def run(self, fn, *args):
+        import asyncio
+        if self.busy >= self.limit:
+            raise RequestError(503, f"The server is busy ({self.busy} requests in progress or waiting): retry in a second.",
+                               headers={"Retry-After": "1"})
+        self.busy += 1
+        try: return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally: self.busy -= 1
+
+def _openapi() -> dict:
+    "The request bodies and answers of the API as OpenAPI pieces (the endpoints read raw bodies to give their own errors, so FastAPI cannot infer them)."
+    from pydantic import BaseModel, Field
+    class ReviewRequest(BaseModel):
+        text: str = Field(min_length=1, max_length=MAX_REVIEW_CHARS, description="the review, at most 2,000 characters")
+    class DigitPixels(BaseModel):
+        pixels: list[list[float]] = Field(min_length=28, max_length=28, description="28 rows of 28 numbers, 0 to 1 or 0 to 255, light ink on dark (MNIST)")
+    class DigitImage(BaseModel):
+        image: str = Field(description="a PNG, JPEG, WEBP or GIF as base64 or a data: URL; any drawing, it is centred and scaled like MNIST")
+    pixels = DigitPixels.model_json_schema()
+    pixels["properties"]["pixels"]["items"].update(minItems=28, maxItems=28, items={"type": "number", "minimum": 0, "maximum": 255})
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    digits = {"application/json": {"schema": {"anyOf": [pixels, DigitImage.model_json_schema()]}},
+              **{f"image/{f.lower()}": binary for f in IMAGE_FORMATS}}
+    error = {"description": "a bad request; `error` says what to fix",
+             "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+    answer = {"type": "object", "required": ["label", "label_id", "probabilities", "model", "ms"],
+              "properties": {"label": {"type": "string"}, "label_id": {"type": "integer"}, "model": {"type": "string"},
+                             "probabilities": {"type": "object", "additionalProperties": {"type": "number"}}, "ms": {"type": "number"}}}
+    def route(content, statuses):
+        return dict(openapi_extra={"requestBody": {"required": True, "content": content}},
+                    responses={200: {"description": "the prediction", "content": {"application/json": {"schema": answer}}},
+                               **{s: error for s in statuses}})
+    return dict(digits=route(digits, (400, 404, 408, 413, 415, 422, 503)),
+                reviews=route({"application/json": {"schema": ReviewRequest.model_json_schema()}}, (400, 404, 408, 413, 415, 422, 503)))
+
+def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max_queued: int = MAX_QUEUED, body_timeout: float = BODY_TIMEOUT_S,
+               model_threads: int | None = 1):
+    "The FastAPI application serving the models of `folder` (default: `default_bundle_dir()`) and the page; CPU work runs in a pool of `workers` threads with at most `max_queued` requests waiting, each model call on `model_threads` threads (1: the pool's threads are the parallelism, and no ONNX Runtime thread spins next to the event loop; None: torch's thread count)."
     import logging
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
-    models = ServedModels(folder if folder is not None else default_bundle_dir(), precision)
+    from starlette.requests import ClientDisconnect
+    models = ServedModels(folder if folder is not None else default_bundle_dir(), precision, threads=model_threads)
+    pool = _Workers(workers, max_queued)
     log = logging.getLogger("ptm_course.serve")
     app = FastAPI(title="ptm-course models", version="1", description="Digit classification and review sentiment from the ptm-course models.")
     app.state.models = models
 
     @app.exception_handler(RequestError)
-    async def bad_request(request, e: RequestError): return JSONResponse({"error": e.message}, status_code=e.status)
+    async def bad_request(request, e: RequestError): return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         hint = {404: f"No route {request.url.path}; the routes are GET /, GET /health, POST /v1/digits and POST /v1/reviews.",
-                405: f"{request.method} is not allowed on {request.url.path}; see GET / for the routes."}.get(e.status_code, str(e.detail))
-        return JSONResponse({"error": hint}, status_code=e.status_code)
+                405: f"{request.method} is not allowed on {request.url.path}; use {(e.headers or {}).get('Allow', 'another method')} "
+                     "(see GET / for the routes)."}.get(e.status_code, str(e.detail))
+        return JSONResponse({"error": hint}, status_code=e.status_code, headers=e.headers)
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e): return JSONResponse({"error": f"Invalid request: {e.errors()}"}, status_code=422)
+    async def gone(request, e):  # the answer goes nowhere: uvicorn drops it, and writes no access line for it
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
+    app.add_exception_handler(ClientGone, gone)
+    app.add_exception_handler(ClientDisconnect, gone)
     @app.exception_handler(Exception)
     async def crashed(request, e: Exception):
         log.exception("error while answering %s", request.url.path)
@@ -427,23 +582,28 @@ def create_app(folder=None, precision: str = "int8"):
                             status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
-    def page(): return PAGE
+    async def page(): return PAGE
     @app.get("/health")
-    def health(): return {"status": "ok", "models": models.describe()}
-    @app.post("/v1/digits")
+    async def health(): return {"status": "ok", "models": models.describe()}  # on the event loop: no thread hop, answers even when the pool is busy
+    spec = _openapi()
+    @app.post("/v1/digits", **spec["digits"])
     async def digits(request: Request):
         started = time.perf_counter()
-        x = parse_digit_request(request.headers.get("content-type"), await _read_body(request, MAX_BODY_BYTES))
-        probs = await run_in_threadpool(models.digits, x)
+        models._need("digits")
+        body = await _read_body(request, MAX_BODY_BYTES, body_timeout)
+        content_type = request.headers.get("content-type")
+        probs = await pool.run(lambda: models.digits(parse_digit_request(content_type, body)))
         return models.answer("digits", probs[0], started)
-    @app.post("/v1/reviews")
+    @app.post("/v1/reviews", **spec["reviews"])
     async def reviews(request: Request):
         started = time.perf_counter()
         models._need("reviews")
-        text = parse_review_request(request.headers.get("content-type"), await _read_body(request, MAX_REVIEW_BYTES))
-        probs = await run_in_threadpool(models.reviews, [text])
+        body = await _read_body(request, MAX_REVIEW_BYTES, body_timeout)
+        content_type = request.headers.get("content-type")
+        probs = await pool.run(lambda: models.reviews([parse_review_request(content_type, body)]))
         return models.answer("reviews", probs[0], started)
     return app
+
 
 # %% ../nbs/08_deployment.ipynb #cf8b3521
 PAGE = """<!doctype html>
@@ -508,13 +668,79 @@ document.getElementById("review-submit").onclick = () => post("/v1/reviews", { t
 """
 
 # %% ../nbs/08_deployment.ipynb #c3076e9b
-def serve(folder=None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", precision: str = "int8") -> None:
-    "Serve the models of `folder` (built first if it is the default folder and missing) with uvicorn until interrupted."
+HEADER_TIMEOUT_S = 10.0  # a connection must send a request's headers within this (from when it opens or its last answer)
+KEEP_ALIVE_S = 5.0       # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 200    # open connections beyond this are closed at once (lowered to fit the process's file-descriptor limit)
+MAX_HEADER_BYTES = 16_384
+
+def _connection_limits(wanted: int) -> tuple[int, int]:
+    "(connections, listen backlog) that fit this process's file-descriptor limit (the soft limit is raised to the hard one first): asyncio accepts up to a backlog of sockets at a time before the guard can close the excess, so the descriptors already open, a margin and twice the backlog are kept free."
+    try: import resource
+    except ImportError: return wanted, 128  # Windows: no RLIMIT_NOFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY: return wanted, 128
+    try: open_now = len(os.listdir("/proc/self/fd"))
+    except OSError: open_now = 64
+    backlog = int(min(128, max(16, soft//16)))
+    return int(max(8, min(wanted, soft - open_now - 32 - 2*backlog))), backlog
+
+def guarded_protocol(header_timeout: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
+    "uvicorn's h11 protocol with two guards uvicorn lacks: a connection that has not sent a complete request head within `header_timeout` s gets a 408 and is closed; connections beyond `max_connections` are closed at once with a 503 (the descriptor is freed before the process runs out)."
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    def raw(status: str, message: str) -> bytes:
+        body = json.dumps({"error": message}).encode()
+        return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+    too_slow = raw("408 Request Timeout", f"The request headers did not arrive within {header_timeout:g} s: send the request at once.")
+    too_many = raw("503 Service Unavailable", f"The server holds its limit of {max_connections} connections: retry shortly, and "
+                                              "close connections you do not use.")
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                with contextlib.suppress(Exception): transport.write(too_many)
+                transport.close()
+                return
+            self._arm()
+        def _arm(self):
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout, self._head_too_slow)
+        def _disarm(self):
+            if self._head_timer is not None: self._head_timer.cancel(); self._head_timer = None
+        def _in_request(self) -> bool: return self.cycle is not None and not self.cycle.response_complete
+        def handle_events(self):
+            super().handle_events()
+            if self._in_request(): self._disarm()  # the head arrived: the body has its own limit (BODY_TIMEOUT_S, in the app)
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self._in_request(): self._arm()
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+        def _head_too_slow(self):
+            self._head_timer = None
+            if self.transport.is_closing() or self._in_request(): return
+            with contextlib.suppress(Exception): self.transport.write(too_slow)
+            self.transport.close()
+    return GuardedH11Protocol
+
+def serve(folder=None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", precision: str = "int8",
+          header_timeout: float = HEADER_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S, keep_alive: float = KEEP_ALIVE_S,
+          max_connections: int = MAX_CONNECTIONS, workers: int = WORKERS, max_queued: int = MAX_QUEUED) -> None:
+    "Serve the models of `folder` (built first if it is the default folder and missing) with uvicorn until interrupted, with the limits and timeouts the README's 'Serving' section lists."
     import uvicorn
     if folder is None: folder = ensure_bundle()
-    app = create_app(folder, precision)
-    print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(folder, precision, workers=workers, max_queued=max_queued, body_timeout=body_timeout)
+    connections, backlog = _connection_limits(max_connections)
+    print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops; at most {connections} "
+          "connections)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=guarded_protocol(header_timeout, connections),
+                timeout_keep_alive=keep_alive, limit_concurrency=connections + 1, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                backlog=backlog, timeout_graceful_shutdown=5)
 
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port that nothing listens on right now."
@@ -522,16 +748,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
+class ServerURL(str):
+    "The base URL of a server started by `server_process` (a `str`), with its process id `pid` and log file `log_path`."
+    pid: int
+    log_path: Path
+
 @contextlib.contextmanager
-def server_process(folder, host: str = "127.0.0.1", port: int | None = None, timeout: float = 120.0, threads: int | None = None):
-    "Run `ptm-course serve --models folder` in a child process; yields its base URL once `/health` answers, stops it on exit."
+def server_process(folder, host: str = "127.0.0.1", port: int | None = None, timeout: float = 120.0, threads: int | None = None,
+                   args: list[str] = (), log_path=None, fd_limit: int | None = None):
+    "Run `ptm-course serve --models folder [args]` in a child process; yields its base URL (a `ServerURL`: also `.pid`, `.log_path`) once `/health` answers, stops it on exit. The log goes to `log_path` if given (kept), else to a temporary file (deleted); `fd_limit` caps the child's open files (Unix), as on a small machine."
     import httpx
     port = port or free_port(host)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="ptm-serve-", delete=False)
-    cmd = [sys.executable, "-m", "ptm_course.cli", "serve", "--models", str(folder), "--host", host, "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://{host}:{port}"
+    keep = log_path is not None
+    log = open(log_path, "w+") if keep else tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="ptm-serve-", delete=False)
+    cmd = [sys.executable, "-m", "ptm_course.cli", "serve", "--models", str(folder), "--host", host, "--port", str(port),
+           "--log-level", "warning", *map(str, args)]
+    def limit_files():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit_files if fd_limit else None)
+    url = ServerURL(f"http://{host}:{port}")
+    url.pid, url.log_path = proc.pid, Path(log.name)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -549,7 +787,8 @@ def server_process(folder, host: str = "127.0.0.1", port: int | None = None, tim
         try: proc.wait(10)
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         log.close()
-        Path(log.name).unlink(missing_ok=True)
+        if not keep: Path(log.name).unlink(missing_ok=True)
+
 
 # %% ../nbs/08_deployment.ipynb #f7a89165
 def load_test(url: str, requests: list[tuple[str, dict]], total: int = 500, concurrency: int = 4, time_limit: float = 60.0) -> dict:

@@ -199,6 +199,9 @@ def pretrain_bert(output_dir=None, *, tokenizer=None, config=None, data: dict | 
     valid = DeviceLoader(data["valid"], batch_size=64, shuffle=False)
     unigram = unigram_log_probs(data["train_ids"], config.vocab_size)
     eval_fn = lambda m, dl: evaluate_mlm(m, dl, tokenizer, unigram, mlm_probability)
+    from ptm_course.train import latest_checkpoint
+    resumed = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    first_step = min(int(resumed.name[5:]), steps) if resumed is not None else 0  # tokens/s counts only the steps run here
     start = time.perf_counter()
     history = train(model, optimizer, loader, mlm_loss_fn(tokenizer, mlm_probability), max_steps=steps, scheduler=scheduler,
                     grad_clip=1.0, eval_loader=valid, eval_fn=eval_fn, eval_every=max(1, steps//evaluations), device=device,
@@ -207,9 +210,10 @@ def pretrain_bert(output_dir=None, *, tokenizer=None, config=None, data: dict | 
     seconds = time.perf_counter() - start
     n_proc = int(os.environ.get("WORLD_SIZE", "1"))
     info = dict(steps=steps, batch_size=batch_size, processes=n_proc, block_size=block_size, tokens=steps*batch_size*block_size*n_proc,
-                seconds=seconds, tokens_per_s=steps*batch_size*block_size*n_proc/seconds, parameters=count_parameters(mlm),
+                seconds=seconds, tokens_per_s=(steps - first_step)*batch_size*block_size*n_proc/seconds, parameters=count_parameters(mlm),
                 device=str(next(mlm.parameters()).device), precision=resolve_mixed_precision(mixed_precision, process_device(device)), lr=lr, seed=seed, **{k: history.last(k) for k in
                 ("mlm_val_loss", "masked_accuracy", "unigram_val_loss")})
+    if resumed is not None: info["resumed_from_step"] = first_step  # `seconds` and `tokens_per_s` cover steps first_step+1..steps
     info["parameter_digests"] = _digests_of_all_processes(mlm)  # one per process: equal if they stayed in sync
     if output_dir is not None and is_main_process():
         out = Path(output_dir)

@@ -100,7 +100,7 @@ def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
     specs = export_digit_models(model, models_dir, xtr[:256], xte, yte)
     res.update({f"onnx_{s['precision']}_acc": s["test_accuracy"] for s in specs.values()})
     res["onnx_max_abs_diff"] = float(f"{max(verify_onnx(model, models_dir/'digits_fp32.onnx', {'images': xte[:b].cpu()}) for b in (1, 64)):.3e}")
-    manifest = json.loads(write_manifest(models_dir, **specs).read_text())
+    manifest = json.loads(write_manifest(models_dir, fast_mode=fast, **specs).read_text())
     res.update({f"{k}_size_mb": v["size_mb"] for k, v in manifest["models"].items()})
     with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy_of(model(xte.cpu()), yte.cpu()), 2)
 

@@ -172,6 +172,55 @@ def test_verification_happens_once_per_cache(data_copy, monkeypatch):
     with pytest.raises(data.DataFileError): data.bundled_file("austen.txt.gz")
 
 
+def same_size_edit(path: Path, offset: int):
+    "Change one byte and put the old modification time back: what the size-and-mtime check used to miss."
+    st = path.stat()
+    flip_byte(path, offset)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_same_size_edit_of_the_decompressed_mnist_copy_does_not_load(data_copy):
+    images, labels = data.load_mnist(train=False)
+    raw = data.mnist_root()/"MNIST"/"raw"
+    same_size_edit(raw/"t10k-labels-idx1-ubyte", 500)
+    again_images, again_labels = data.load_mnist(train=False)  # noticed, rebuilt from the bundled copy: the true labels
+    assert torch.equal(again_labels, labels) and torch.equal(again_images, images)
+    assert hashlib.md5((raw/"t10k-labels-idx1-ubyte").read_bytes()).hexdigest() == CANONICAL_MD5["t10k-labels-idx1-ubyte"][0]
+
+
+def test_a_changed_cache_copy_is_caught_as_it_is_read(data_copy):
+    "Even an edit the stamp cannot see (its record rewritten to match the edited file) is caught by the md5 of the bytes read."
+    import json
+    images, labels = data.load_mnist(train=False)
+    path = data.mnist_root()/"MNIST"/"raw"/"t10k-labels-idx1-ubyte"
+    flip_byte(path, 500)
+    st = path.stat()
+    data._stamp_path(path).write_text(json.dumps(dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns, inode=st.st_ino, algorithm="md5", digest=data.MNIST_MD5["t10k-labels-idx1-ubyte"])))
+    data.verify_file(path, data.MNIST_MD5["t10k-labels-idx1-ubyte"], "md5")  # the stamp vouches for the edited file
+    again_images, again_labels = data.load_mnist(train=False)
+    assert torch.equal(again_labels, labels) and torch.equal(again_images, images)
+
+
+def test_a_same_size_edit_of_austen_gives_the_clear_error(data_copy):
+    data.austen_novels()  # verified and stamped
+    same_size_edit(data_copy/"austen.txt.gz", 1000)
+    with pytest.raises(data.DataFileError, match="austen.txt.gz.*corrupt"): data.austen_novels()
+
+
+def test_an_undecompressable_austen_names_the_file_not_bad_gzip(data_copy, monkeypatch):
+    import gzip
+    bad = data_copy/"austen_bad.txt.gz"
+    bad.write_bytes(b"not gzip at all" + b"\0"*100)
+    monkeypatch.setattr(data, "bundled_file", lambda name, force=False: bad)  # as if it had passed the checksum
+    with pytest.raises(data.DataFileError, match="austen.txt.gz.*cannot be decompressed") as e: data.austen_novels()
+    assert not isinstance(e.value, gzip.BadGzipFile)
+    cut = (data_copy/"austen.txt.gz").read_bytes()
+    bad.write_bytes(cut[:len(cut)//2])  # a truncated stream: EOFError inside gzip
+    with pytest.raises(data.DataFileError, match="cannot be decompressed"): data.austen_novels()
+
+
 def test_pretrained_model_loads_with_no_network():
     code = ("import torch; from ptm_course.data import load_tokenizer, load_encoder\n"
             "tok = load_tokenizer(); model = load_encoder(device='cpu')\n"

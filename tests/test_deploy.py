@@ -161,6 +161,73 @@ def test_read_manifest_names_missing_and_changed_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"): D.read_manifest(tmp_path)
 
 
+def small_folder(tmp_path, tokenizer_files=True):
+    "A model folder with one (fake) model file and, if asked, a tokenizer folder; its manifest written by write_manifest."
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path/"digits_fp32.onnx").write_bytes(b"onnx")
+    spec = dict(file="digits_fp32.onnx", labels=D.DIGIT_LABELS)
+    if tokenizer_files:
+        (tmp_path/"tokenizer").mkdir()
+        (tmp_path/"tokenizer"/"tokenizer.json").write_text('{"model": "wordpiece"}')
+        (tmp_path/"tokenizer"/"vocab.txt").write_text("[PAD]\n[UNK]\n")
+        spec["tokenizer"] = "tokenizer"
+    D.write_manifest(tmp_path, reviews_fp32=spec)
+    return tmp_path
+
+
+def edit_manifest(folder, change):
+    m = json.loads((folder/D.MANIFEST).read_text())
+    change(m)
+    (folder/D.MANIFEST).write_text(json.dumps(m))
+
+
+def test_the_manifest_covers_the_tokenizer_files(tmp_path):
+    folder = small_folder(tmp_path)
+    manifest = D.read_manifest(folder)
+    assert set(manifest["files"]) == {"digits_fp32.onnx", "tokenizer/tokenizer.json", "tokenizer/vocab.txt"}
+    (folder/"tokenizer"/"tokenizer.json").write_text('{"model": "WORDPIECE"}')  # same size, other content
+    with pytest.raises(ValueError, match=r"tokenizer\.json does not match its SHA-256"): D.read_manifest(folder)
+    (folder/"tokenizer"/"tokenizer.json").write_text('{"model": "wordpiece"}')
+    (folder/"tokenizer"/"added_tokens.json").write_text("{}")  # a file slipped in: not covered, refused
+    with pytest.raises(ValueError, match="added_tokens.json is not listed"): D.read_manifest(folder)
+
+
+@pytest.mark.parametrize("change,word", [
+    (lambda m: m["models"]["reviews_fp32"].pop("sha256"), "no valid \"sha256\""),
+    (lambda m: m["models"]["reviews_fp32"].update(sha256=5), "no valid \"sha256\""),
+    (lambda m: m["files"]["tokenizer/vocab.txt"].pop("sha256"), "no valid \"sha256\""),
+    (lambda m: m["models"]["reviews_fp32"].update(file=7), "no 'file'"),
+    (lambda m: m["models"]["reviews_fp32"].update(labels="0123456789"), "'labels'"),
+    (lambda m: m["models"].update(reviews_fp32=["file"]), "not an object"),
+    (lambda m: m.update(models=[]), "\"models\" must be an object"),
+    (lambda m: m.pop("files"), "older format"),
+    (lambda m: m["models"]["reviews_fp32"].update(file="../outside.onnx"), "outside the model folder"),
+    (lambda m: m["models"]["reviews_fp32"].update(file="/etc/passwd"), "outside the model folder"),
+    (lambda m: m["models"]["reviews_fp32"].update(tokenizer="../tok"), "outside the model folder"),
+    (lambda m: m["files"].update({"../outside.onnx": {"sha256": "0"*64}}), "outside the model folder"),
+])
+def test_a_malformed_manifest_gets_a_clear_error_naming_it(tmp_path, change, word):
+    folder = small_folder(tmp_path/"models")
+    edit_manifest(folder, change)
+    with pytest.raises((ValueError, FileNotFoundError)) as e: D.read_manifest(folder)
+    assert word in str(e.value) and "manifest.json" in str(e.value), str(e.value)
+
+
+def test_manifest_paths_may_not_escape_through_a_symbolic_link(tmp_path):
+    outside = tmp_path/"outside.onnx"
+    outside.write_bytes(b"onnx")
+    folder = small_folder(tmp_path/"models", tokenizer_files=False)
+    (folder/"digits_fp32.onnx").unlink()
+    (folder/"digits_fp32.onnx").symlink_to(outside)
+    with pytest.raises(ValueError, match="leads outside the model folder"): D.read_manifest(folder)
+
+
+@pytest.mark.parametrize("text", ["[]", "{", "5", '{"models": {}}', "\udcff"])
+def test_a_manifest_that_is_not_a_manifest_names_the_file(tmp_path, text):
+    (tmp_path/D.MANIFEST).write_text(text, errors="surrogateescape")
+    with pytest.raises(ValueError, match="manifest.json"): D.read_manifest(tmp_path)
+
+
 def test_load_test_refuses_an_empty_plan():
     with pytest.raises(ValueError, match="at least one"): D.load_test("http://127.0.0.1:9", [], total=1)
 

@@ -115,6 +115,20 @@ def test_pretraining_learns_and_saves_a_folder_that_reloads_offline(tokenizer, t
         T.fill_mask(tmp_path/"bert", "no blank here", device="cpu")
 
 
+def test_tokens_per_second_after_a_resume_counts_only_the_steps_run(tokenizer, tmp_path):
+    import shutil
+    cfg = tiny_config(tokenizer)
+    data = T.austen_mlm_data(tokenizer, block_size=32, limit_blocks=128)
+    kw = dict(tokenizer=tokenizer, config=cfg, data=data, block_size=32, batch_size=16, steps=20, evaluations=1, device="cpu",
+              checkpoint_dir=tmp_path/"ckpt", checkpoint_every=10, desc="test")
+    _, _, first = T.pretrain_bert(**kw)
+    assert "resumed_from_step" not in first and first["tokens_per_s"] == pytest.approx(20*16*32/first["seconds"])
+    shutil.rmtree(tmp_path/"ckpt"/"step-00000020")  # as if interrupted after step 10's checkpoint
+    _, _, resumed = T.pretrain_bert(**kw, resume=True)
+    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
+    assert resumed["tokens_per_s"] == pytest.approx(10*16*32/resumed["seconds"])  # 10 steps ran here, not 20
+
+
 def test_parameter_digest_sees_any_change(tokenizer):
     model = BertForMaskedLM(tiny_config(tokenizer))
     d = T.parameter_digest(model)

@@ -13,7 +13,9 @@ from ptm_course.cli import main
 @pytest.fixture(scope="module")
 def tour_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tour")
-    assert main(["tour", "--fast", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # as outside pytest (PTM_FAST unset): only --fast says the run is a smoke test
+        mp.setattr(D, "is_fast", lambda: False)
+        assert main(["tour", "--fast", "--out", str(out)]) == 0
     return out
 
 
@@ -24,6 +26,7 @@ def test_tour_writes_report_plots_results_and_models(tour_dir):
         assert (tour_dir/name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = D.read_manifest(tour_dir/"models")
     assert set(manifest["models"]) == {"digits_fp32", "digits_int8"}
+    assert manifest["fast_mode"] is True and set(manifest["files"]) == {"digits_fp32.onnx", "digits_int8.onnx"}
 
 
 def test_report_shows_the_measured_numbers(tour_dir):
