@@ -105,8 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grade", help="grade exercise notebooks: a score per exercise, for one learner or a class")
     g.add_argument("paths", nargs="+", metavar="PATH", help="notebooks, or folders of notebooks, to grade")
     g.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON (a list, one object per notebook)")
-    g.add_argument("--csv", dest="csv_path", metavar="FILE", help="write the results as CSV (one row per notebook)")
-    g.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="time limit per cell (default: 60)")
+    g.add_argument("--csv", dest="csv_path", metavar="FILE", help="write a gradebook CSV: one row per student, points and status per exercise")
+    g.add_argument("--canvas", dest="canvas_path", metavar="FILE", help="write a Canvas gradebook import (Student, ID, SIS User ID, SIS Login ID, Section, points)")
+    g.add_argument("--id-pattern", metavar="REGEX", help="how to read the student id from a path: a regular expression with a group (?P<id>...) (default: Canvas download names, name_12345_...)")
+    g.add_argument("--assignment", metavar="NAME", help="the assignment column of --canvas (default: the reference's name)")
+    g.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="time limit per exercise (default: 60)")
+    g.add_argument("--reference", metavar="SOLUTION", help="the solution notebook, or a folder of them, to grade against (default: the course's exercises/solutions/)")
+    g.add_argument("--seed", type=int, metavar="N", help="the checks' random seed (default: a new one per submission)")
     e = sub.add_parser("exercises", help="write the student notebooks from exercises/solutions/")
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student notebook is stale")
     b = sub.add_parser("bench", help="run a benchmark and write its measured figures as JSON (hardware named)")
@@ -142,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor": return 1 if doctor(args.verbose) else 0
     if args.command == "grade":
         from ptm_course.exercises import grade_cli
-        return grade_cli(args.paths, json_path=args.json_path, csv_path=args.csv_path, timeout=args.timeout)
+        return grade_cli(args.paths, json_path=args.json_path, csv_path=args.csv_path, timeout=args.timeout,
+                         reference=args.reference, seed=args.seed, canvas_path=args.canvas_path,
+                         id_pattern=args.id_pattern, assignment=args.assignment)
     if args.command == "exercises":
         from ptm_course.exercises import generate_cli
         return generate_cli(check=args.check)

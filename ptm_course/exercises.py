@@ -6,18 +6,24 @@ notebooks are generated from the solutions, and how `ptm-course grade` scores a 
 # %% ../nbs/90_exercises.ipynb #c5fc5e5d
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import ast
 import copy
 import csv
 import functools
 import glob
+import hashlib
 import html
+import inspect
 import json
-import logging
+import os
 import re
+import secrets
+import selectors
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,11 +31,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['CHECK_MIME', 'PASSED', 'FAILED', 'NOT_ATTEMPTED', 'BEGIN_SOLUTION', 'END_SOLUTION', 'CheckResult', 'report', 'Fail',
-           'NotAttempted', 'attempt', 'checker', 'expect_tensor', 'expect_number', 'relative_error', 'close',
-           'diagnose', 'check_calls', 'find_exercises', 'strip_solutions', 'make_student_notebook', 'find_course_root',
-           'notebook_text', 'student_notebooks', 'stale_student_notebooks', 'generate_cli', 'ExerciseGrade',
-           'NotebookGrade', 'grade_notebook', 'format_grade', 'format_summary', 'write_json', 'write_csv', 'grade_cli']
+__all__ = ['CHECK_MIME', 'PASSED', 'FAILED', 'NOT_ATTEMPTED', 'BEGIN_SOLUTION', 'END_SOLUTION', 'DEFAULT_ID_PATTERN',
+           'CANVAS_HEADER', 'CheckResult', 'report', 'Fail', 'NotAttempted', 'attempt', 'checker', 'expect_tensor',
+           'expect_number', 'relative_error', 'close', 'diagnose', 'check_calls', 'find_exercises', 'strip_solutions',
+           'make_student_notebook', 'find_course_root', 'notebook_text', 'student_notebooks', 'stale_student_notebooks',
+           'generate_cli', 'ExerciseGrade', 'NotebookGrade', 'Answer', 'extract_answer', 'reference_parts',
+           'submission_answers', 'match_reference', 'Snapshot', 'run_checks', 'load_references', 'grade_notebook',
+           'format_grade', 'format_summary', 'student_of', 'gradebook', 'write_json', 'write_csv', 'write_canvas',
+           'grade_class', 'grade_cli']
 
 # %% ../nbs/90_exercises.ipynb #03897bd7
 CHECK_MIME = "application/vnd.ptm-course.check+json"  # the output the grader reads
@@ -286,7 +295,7 @@ def make_student_notebook(solution):
             try: cell.source = strip_solutions(src, markdown=cell.cell_type == "markdown")
             except ValueError as e: raise ValueError(f"cell {i}: {e}") from None
         if cell.cell_type == "code": cell.outputs, cell.execution_count = [], None
-        cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("nbdev", "hide_input")}  # as nbdev-clean leaves it
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("nbdev", "hide_input", "nbgrader")}  # as nbdev-clean leaves it
     nb.metadata = nbformat.from_dict({k: v for k, v in nb.metadata.items()
                                       if k in ("kernelspec", "jekyll", "jupytext", "doc", "widgets", "nbdev")})
     if nb.metadata.get("kernelspec", {}).get("name"): nb.metadata.kernelspec.display_name = nb.metadata.kernelspec.name
@@ -365,9 +374,10 @@ class NotebookGrade:
     "The grade of one notebook: its exercises, and any problem that stopped part of it from running."
     notebook: str
     exercises: list[ExerciseGrade] = field(default_factory=list)
-    error: str | None = None                            # the notebook could not be read or run at all
-    problems: list[str] = field(default_factory=list)   # cells that failed, timed out, killed the kernel
+    error: str | None = None                            # the notebook could not be read or graded at all
+    problems: list[str] = field(default_factory=list)   # what the grader left out, flagged, or put back
     seconds: float = 0.0
+    reference: str | None = None                        # the solution notebook it was graded against
 
     @property
     def passed(self) -> int: return sum(e.passed for e in self.exercises)
@@ -376,15 +386,15 @@ class NotebookGrade:
     def score(self) -> float: return self.passed / len(self.exercises) if self.exercises else 0.0
 
     def to_dict(self) -> dict:
-        return {"notebook": self.notebook, "score": self.score, "passed": self.passed,
+        return {"notebook": self.notebook, "reference": self.reference, "score": self.score, "passed": self.passed,
                 "total": len(self.exercises), "exercises": [e.to_dict() for e in self.exercises],
                 "error": self.error, "problems": self.problems, "seconds": round(self.seconds, 2)}
 
 # %% ../nbs/90_exercises.ipynb #f2be298a
-def _read_notebook(path: Path):
-    "(notebook, problems) for `path`; raises ValueError with a readable message if it is not a notebook."
+def _read_notebook(path: Path, data: bytes | None = None):
+    "(notebook, problems) for `path` (or its contents `data`); raises ValueError with a readable message if it is not a notebook."
     import nbformat
-    try: text = Path(path).read_text(encoding="utf-8")
+    try: text = (Path(path).read_bytes() if data is None else data).decode("utf-8")
     except UnicodeDecodeError: raise ValueError("not a notebook: the file is not UTF-8 text") from None
     try: raw = json.loads(text)
     except json.JSONDecodeError as e: raise ValueError(f"not a notebook: invalid JSON ({e})") from None
@@ -395,7 +405,7 @@ def _read_notebook(path: Path):
         nb = nbformat.reads(text, as_version=4)
         nbformat.validate(nb)
     except Exception as e:
-        problems.append(f"the notebook does not follow the nbformat schema ({type(e).__name__}: {_short(e, 150)}); ran what could be run")
+        problems.append(f"the notebook does not follow the nbformat schema ({type(e).__name__}: {_short(e, 150)}); graded what could be read")
         nb = nbformat.from_dict({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
         for c in raw["cells"]:
             if isinstance(c, dict) and c.get("cell_type") in ("code", "markdown", "raw"):
@@ -406,187 +416,412 @@ def _read_notebook(path: Path):
     return nb, problems
 
 # %% ../nbs/90_exercises.ipynb #246c70f6
-_TIMEOUT = "CellTimeoutError"
-_log = logging.getLogger("ptm_course.grade")
-_log.addHandler(logging.NullHandler()); _log.propagate = False  # nbclient logs every time-out as an error
-
-def _this_python_kernel_manager():
-    "An async kernel manager that starts IPython with `sys.executable`, ignoring installed kernelspecs."
-    from ipykernel.kernelspec import get_kernel_dict
-    from jupyter_client import AsyncKernelManager
-    from jupyter_client.kernelspec import KernelSpec
-
-    class ThisPythonKernelManager(AsyncKernelManager):
-        @property
-        def kernel_spec(self): return KernelSpec(resource_dir="", **get_kernel_dict())
-    return ThisPythonKernelManager()
+_DEF_LINE = r"^(?:async[ \t]+)?def[ \t]+{}[ \t]*\("
+_SUSPICIOUS = ("sys", "os", "gc", "inspect", "ctypes", "subprocess", "builtins", "__builtins__", "ptm_course",
+               "importlib", "signal", "_getframe", "__import__", "globals", "setattr", "shutil", "socket")
 
 @dataclass
-class _CellRun:
-    status: str = "not run"   # ok, error, timeout, kernel died, not run
-    error: str = ""
-    outputs: list = field(default_factory=list)
+class Answer:
+    "The learner's answer to one exercise, as the grader will run it."
+    name: str
+    cell: int | None = None     # index of the submission's cell that defines the function; None: no cell does
+    source: str = ""            # that cell's imports and definitions, other lines blanked (line numbers kept)
+    error: str = ""             # why it cannot run (a syntax error)
+    dropped: list[str] = field(default_factory=list)   # top-level statements left out
+    suspicious: list[str] = field(default_factory=list)  # names an honest answer does not need
 
-async def _kernel_is_responsive(kc, seconds: float) -> bool:
-    "Whether the kernel answers a trivial request within `seconds` (it may still be stuck in a cell)."
-    from queue import Empty
-    msg_id = kc.execute("", silent=True, store_history=False)
-    if hasattr(msg_id, "__await__"): msg_id = await msg_id
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try: msg = await kc.shell_channel.get_msg(timeout=left)
-        except Empty: return False
-        if msg.get("parent_header", {}).get("msg_id") == msg_id: return True
-    return False
+def _defined_names(tree) -> set[str]:
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
 
-async def _run_cells(nb, timeout: float, cwd: Path, max_restarts: int = 3) -> tuple[list[_CellRun], list[str]]:
-    "Run every code cell of `nb` in a fresh kernel; return one `_CellRun` per cell and notes on restarts."
-    from nbclient import NotebookClient
-    from nbclient.exceptions import DeadKernelError
-    replies, notes = {}, []
-    client = NotebookClient(
-        nb, km=_this_python_kernel_manager(), timeout=timeout, interrupt_on_timeout=True, allow_errors=True,
-        error_on_timeout={"ename": _TIMEOUT, "evalue": f"the cell ran longer than {timeout:g} s and was interrupted", "traceback": []},
-        iopub_timeout=2, startup_timeout=120, record_timing=False, log=_log, resources={"metadata": {"path": str(cwd)}},
-        on_cell_executed=lambda cell, cell_index, execute_reply: replies.__setitem__(cell_index, execute_reply))
-    runs = [_CellRun() for _ in nb.cells]
-    clean = []  # cells that ran without error before a restart, to be run again after it
+def _cell_defines(source: str, name: str) -> bool:
+    try: return name in _defined_names(ast.parse(source))
+    except (SyntaxError, ValueError): return re.search(_DEF_LINE.format(re.escape(name)), source, re.M) is not None
 
-    async def execute(i, cell) -> None:
-        run = runs[i]
-        try:
-            await client.async_execute_cell(cell, i, execution_count=client.code_cells_executed + 1)
-            content = (replies.pop(i, None) or {}).get("content", {})
-            if content.get("status") == "ok": run.status = "ok"
-            elif content.get("ename") == _TIMEOUT: run.status, run.error = "timeout", content.get("evalue", "")
-            else:  # "invalid syntax (3052.py, line 1)": the kernel's temporary file name means nothing to a learner
-                evalue = re.sub(r"\(\d+\.py, line (\d+)\)", r"(line \1)", str(content.get("evalue", "")))
-                run.status, run.error = "error", _short(f"{content.get('ename', 'Error')}: {evalue}")
-        except DeadKernelError:
-            run.status, run.error = "kernel died", "the kernel died while running this cell (a crash, exit, or out of memory?)"
-        except Exception as e:
-            run.status, run.error = "error", _short(f"{type(e).__name__}: {e}")
-        run.outputs = list(cell.get("outputs", []))
+def extract_answer(source: str, name: str, cell: int | None = None) -> Answer:
+    "The imports and definitions of answer cell `source` for exercise `name`; every other top-level statement blanked."
+    answer = Answer(name, cell)
+    try: tree = ast.parse(source)
+    except (SyntaxError, ValueError) as e:
+        where = f" (line {e.lineno} of your cell)" if getattr(e, "lineno", None) else ""
+        answer.error = f"{type(e).__name__}: {getattr(e, 'msg', e)}{where}"
+        return answer
+    lines, keep = source.split("\n"), set()
+    for node in tree.body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        span = range(first, node.end_lineno + 1)
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): keep.update(span)
+        elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):  # a bare string is harmless
+            answer.dropped.append(f"line {node.lineno}: {_short(lines[node.lineno - 1].strip(), 60)}")
+    answer.source = "\n".join(line if i in keep else "" for i, line in enumerate(lines, 1))
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    used |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    answer.suspicious = [s for s in _SUSPICIOUS if s in used]
+    return answer
 
-    async def restart(after: int) -> bool:
-        try:
-            await client.km.restart_kernel(now=True)
-            client.kc.stop_channels()
-            await client.async_start_new_kernel_client()
-            for j in clean:  # bring back imports and definitions; their outputs are not kept
-                await client.async_execute_cell(copy.deepcopy(nb.cells[j]), j, store_history=False)
-                replies.pop(j, None)
-            return client.km is not None and await client.km.is_alive()
-        except Exception as e:
-            notes.append(f"could not restart the kernel after cell {after}: {type(e).__name__}: {_short(e)}")
-            return False
+def reference_parts(ref) -> tuple[list[str], list[str], dict[str, int]]:
+    "(exercises, setup cell sources, {exercise: its answer cell}) of reference notebook `ref`."
+    names = find_exercises(ref)
+    code = [(i, _source(c)) for i, c in enumerate(ref.cells) if c.cell_type == "code"]
+    answers = {}
+    for name in names:
+        cells = [i for i, src in code if BEGIN_SOLUTION in src and _cell_defines(src, name)]
+        if not cells: raise ValueError(f"the reference has no solution cell that defines `{name}`")
+        answers[name] = cells[0]
+    first = min(answers.values(), default=len(ref.cells))
+    setup = [src for i, src in code if i < first and not check_calls(src) and src.strip()]
+    return names, setup, answers
 
+def submission_answers(nb, names: list[str]) -> dict[str, Answer]:
+    "For each exercise, the answer in submission `nb`: the last code cell defining its function (before its check, if any)."
+    code = [(i, _source(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    out = {}
+    for name in names:
+        checks = [i for i, src in code if name in check_calls(src)]
+        cells = [i for i, src in code if _cell_defines(src, name)]
+        before = [i for i in cells if checks and i < checks[-1]]
+        i = (before or cells or [None])[-1]
+        out[name] = Answer(name) if i is None else extract_answer(_source(nb.cells[i]), name, i)
+    return out
+
+def match_reference(nb, references: dict[str, Any]) -> str:
+    "The name of the reference whose exercise functions submission `nb` defines the most; ValueError if none or a tie."
+    code = "\n".join(_source(c) for c in nb.cells if c.cell_type == "code")
+    counts = {}
+    for ref_name, ref in references.items():
+        counts[ref_name] = sum(bool(re.search(_DEF_LINE.format(re.escape(n)), code, re.M)) for n in find_exercises(ref))
+    best = max(counts.values(), default=0)
+    if best == 0:
+        raise ValueError("no exercises found: the notebook defines none of the exercise functions of "
+                         f"{', '.join(sorted(references)) or 'any reference'}; pass --reference SOLUTION.ipynb")
+    top = [r for r, c in counts.items() if c == best]
+    if len(top) > 1: raise ValueError(f"the notebook matches {' and '.join(sorted(top))} equally: pass --reference")
+    return top[0]
+
+# %% ../nbs/90_exercises.ipynb #0f6ec554
+def _files_of(root: Path) -> dict[str, bytes]:
+    "{relative path: bytes} of the .py files under `root` (no caches)."
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts}
+
+def _make_writable(root: Path) -> None:
+    "Give the owner back write access to every folder under `root` (so that it can be removed)."
+    try: os.chmod(root, 0o700)
+    except OSError: return
+    for d, dirs, _ in os.walk(root):
+        for name in dirs:
+            p = os.path.join(d, name)
+            if not os.path.islink(p):
+                try: os.chmod(p, 0o700)
+                except OSError: pass
+
+class Snapshot:
+    """A private, read-only copy of `ptm_course` for the checker processes: its `.py` files copied, its data folders
+    linked. `check()` compares the copy and the installed package with what they were; `restore()` puts both back."""
+    def __init__(self):
+        import ptm_course
+        self.package = Path(ptm_course.__file__).resolve().parent
+        self.files = _files_of(self.package)
+        self.digests = {rel: hashlib.sha256(b).hexdigest() for rel, b in self.files.items()}
+        self.root: Path | None = None
+        self._build()
+
+    def _build(self) -> None:
+        if self.root is not None: self.remove()
+        self.root = Path(tempfile.mkdtemp(prefix="ptm-grade-lib-"))
+        top = self.root/"ptm_course"
+        for rel, data in self.files.items():
+            (top/rel).parent.mkdir(parents=True, exist_ok=True)
+            (top/rel).write_bytes(data)
+        for entry in self.package.iterdir():  # data folders and files (bundled/, ...), linked rather than copied
+            if entry.name != "__pycache__" and not (top/entry.name).exists(): (top/entry.name).symlink_to(entry)
+        for d, dirs, files in os.walk(top, topdown=False):
+            for f in files:
+                if not os.path.islink(os.path.join(d, f)): os.chmod(os.path.join(d, f), 0o400)
+            os.chmod(d, 0o500)
+        self.tree = self._tree()
+
+    def _tree(self) -> dict[str, str]:
+        out = {}
+        for d, dirs, files in os.walk(self.root):
+            for name in dirs + files:
+                p = os.path.join(d, name)
+                rel = os.path.relpath(p, self.root)
+                if os.path.islink(p): out[rel] = "link:" + os.readlink(p)
+                elif os.path.isfile(p):
+                    with open(p, "rb") as f: out[rel] = hashlib.sha256(f.read()).hexdigest()
+                else: out[rel] = "dir"
+        return out
+
+    def check(self) -> list[str]:
+        "What changed since the start: 'copy: ...' for the grader's copy, 'installed: ...' for the package."
+        changed = []
+        try: now = self._tree()
+        except OSError as e: now = {"?": str(e)}
+        if now != self.tree:
+            changed += [f"copy: {rel}" for rel in sorted(set(now) ^ set(self.tree) | {r for r in now if r in self.tree and now[r] != self.tree[r]})]
+        for rel, digest in self.digests.items():
+            p = self.package/rel
+            try: ok = hashlib.sha256(p.read_bytes()).hexdigest() == digest
+            except OSError: ok = False
+            if not ok: changed.append(f"installed: {rel}")
+        installed_now = {str(p.relative_to(self.package)) for p in self.package.rglob("*.py") if "__pycache__" not in p.parts}
+        changed += [f"installed: {rel} (added)" for rel in sorted(installed_now - set(self.files))]
+        return sorted(changed, key=lambda c: not c.startswith("installed"))  # the installed package first
+
+    def restore(self, changed: list[str]) -> None:
+        "Put back what `check()` found changed: the copy is rebuilt, the installed files rewritten (added ones removed)."
+        if any(c.startswith("copy: ") for c in changed): self._build()
+        for c in changed:
+            if not c.startswith("installed: "): continue
+            rel = c[len("installed: "):].removesuffix(" (added)")
+            p = self.package/rel
+            try:
+                if rel in self.files: p.write_bytes(self.files[rel])
+                else: p.unlink()
+            except OSError: pass
+
+    def remove(self) -> None:
+        if self.root is not None and self.root.exists():
+            _make_writable(self.root)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+# %% ../nbs/90_exercises.ipynb #f0f64538
+def _runner_main() -> None:
+    "The checker process: reads its job on stdin, reports on its original stdout, lines framed with the job's token."
+    job = json.loads(sys.stdin.read())
+    token, channel = job.pop("token"), os.dup(1)
+    quiet = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2): os.dup2(quiet, fd)   # what the learner's code prints goes nowhere
+    def send(**msg) -> None:
+        data = (token + " " + json.dumps(msg) + "\n").encode()
+        while data: data = data[os.write(channel, data):]
+    ns = {"__name__": "__graded__", "__builtins__": __builtins__}
     try:
-        await client.async_start_new_kernel(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # kernel logs, not output
-        await client.async_start_new_kernel_client()
-        restarts = 0
-        for i, cell in enumerate(nb.cells):
-            if cell.cell_type != "code" or not cell.source.strip(): continue
-            await execute(i, cell)
-            run = runs[i]
-            stuck = run.status == "timeout" and not await _kernel_is_responsive(client.kc, 5.0)
-            if stuck: run.error += "; it ignored the interrupt, so the kernel was restarted"
-            if run.status == "kernel died" or stuck:
-                restarts += 1
-                if restarts > max_restarts or not await restart(i):
-                    notes.append(f"stopped after cell {i}: the kernel had to be restarted more than {max_restarts} times"
-                                 if restarts > max_restarts else f"stopped after cell {i}: the kernel could not be restarted")
-                    for later in runs[i + 1:]: later.error = "not run: the kernel was lost earlier in the notebook"
-                    break
-                notes.append(f"kernel restarted after cell {i} ({run.status}); earlier cells run again")
-            elif run.status == "ok" and not check_calls(cell.source): clean.append(i)
-    finally:
+        for i, src in enumerate(job["setup"]): exec(compile(src, f"<setup cell {i + 1}>", "exec"), ns)
+        import ptm_course
+        checks = {n: ns.get(f"check_{n}") for n in job["names"]}
+        seeds = {n: job["seed"] if c is not None and "seed" in inspect.signature(c).parameters else None for n, c in checks.items()}
+    except BaseException as e:
+        send(event="fatal", error=f"the reference's setup cells failed: {type(e).__name__}: {_short(e)}"); os._exit(3)
+    send(event="ready", package=str(Path(ptm_course.__file__).resolve()))
+    for a in job["answers"]:
+        send(event="define", name=a["name"])
+        try: exec(compile(a["source"], f"<your cell for {a['name']}>", "exec"), ns)
+        except BaseException as e:
+            send(event="defined", name=a["name"], error=f"running your cell failed: {type(e).__name__}: {_short(e)}")
+        else: send(event="defined", name=a["name"])
+    for name in job["names"]:
+        send(event="start", name=name)
+        check = checks[name]
         try:
-            if client.kc is not None: client.kc.stop_channels()
-            if client.km is not None and client.km.has_kernel: await client.km.shutdown_kernel(now=True)
-        except Exception: pass
-    return runs, notes
+            if check is None: raise LookupError(f"the reference's setup defines no check_{name}")
+            r = check(ns.get(name), show=False, **({"seed": seeds[name]} if seeds[name] is not None else {}))
+            result = dict(status=str(r.status), message=str(r.message), hint=str(r.hint))
+        except BaseException as e:  # SystemExit, KeyboardInterrupt, ... raised by the learner's function
+            result = dict(status=FAILED, message=f"your function raised {type(e).__name__}: {_short(e)}", hint="")
+        send(event="result", name=name, **result)
+    send(event="done")
+    os._exit(0)
 
-def _run_sync(coro):
-    "Run `coro` to completion, also from inside a running event loop (e.g. a Jupyter cell)."
-    try: asyncio.get_running_loop()
-    except RuntimeError: return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool: return pool.submit(asyncio.run, coro).result()
+def _kill_marked(marker: str) -> int:
+    "Kill every process whose environment carries PTM_GRADE_RUN=`marker` (Linux /proc); how many there were."
+    needle, killed = f"PTM_GRADE_RUN={marker}".encode(), 0
+    if not os.path.isdir("/proc"): return 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f: env = f.read()
+        except OSError: continue
+        if needle in env.split(b"\0"):
+            try: os.kill(int(pid), signal.SIGKILL); killed += 1
+            except OSError: pass
+    return killed
+
+def _describe_exit(rc: int | None) -> str:
+    if rc is None: return "it stopped answering"
+    if rc < 0:
+        try: return f"it was killed by signal {signal.Signals(-rc).name}"
+        except ValueError: return f"it was killed by signal {-rc}"
+    return f"it exited with code {rc}"
+
+class _Runner:
+    "One checker process for one submission, and the lines it reports."
+    def __init__(self, job: dict, workdir: Path, snapshot: Snapshot, marker: str):
+        self.token = secrets.token_hex(16)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k not in ("PWD", "OLDPWD")}
+        env.update(PTM_GRADE_RUN=marker, PYTHONDONTWRITEBYTECODE="1", TMPDIR=str(workdir/"tmp"), MPLBACKEND="Agg")
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from ptm_course.exercises import _runner_main; _runner_main()"
+        self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", code, str(snapshot.root)], cwd=workdir, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.buffer, self.sel = b"", selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            self.proc.stdin.write(json.dumps({**job, "token": self.token}).encode())
+            self.proc.stdin.close()
+        except OSError: pass
+
+    def next(self, deadline: float) -> dict | None:
+        "The next framed message; None if the process ended or `deadline` (time.monotonic) passed first."
+        prefix = self.token.encode() + b" "
+        while True:
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                if line.startswith(prefix):
+                    try: return json.loads(line[len(prefix):])
+                    except json.JSONDecodeError: continue
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sel.select(timeout=left): return None
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk: return None
+            self.buffer += chunk
+
+    def kill(self, ended: bool) -> int | None:
+        "Kill the process and its group; its exit code (negative: the signal) if it `ended` by itself, else None."
+        try: rc = self.proc.wait(timeout=3) if ended else None
+        except subprocess.TimeoutExpired: rc = None
+        try: os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError: pass
+        try: self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired: pass
+        self.sel.close(); self.proc.stdout.close()
+        return rc
+
+# %% ../nbs/90_exercises.ipynb #f4e1b9e1
+_STARTUP = 180  # seconds for a checker process to import torch and the checks, on a busy machine
+
+def run_checks(setup: list[str], names: list[str], answers: dict[str, Answer], timeout: float, workdir: Path,
+               snapshot: Snapshot, seed: int, marker: str) -> tuple[dict[str, ExerciseGrade], list[str]]:
+    "Check every exercise in fresh processes; ({exercise: grade}, problems). A process that dies or hangs costs one exercise."
+    grades, problems, left = {}, [], [n for n in names]
+    bad = {n for n, a in answers.items() if a.cell is None or a.error}
+    while left:
+        changed = snapshot.check()
+        if changed:
+            problems.append(f"the grader's files were changed ({', '.join(changed[:5])}); restored before going on")
+            snapshot.restore(changed)
+        job = dict(setup=setup, names=left, seed=seed,
+                   answers=[dict(name=n, source=answers[n].source) for n in names if n not in bad])
+        runner, current, phase, event = _Runner(job, workdir, snapshot, marker), None, "start", None
+        deadline = time.monotonic() + max(_STARTUP, timeout)
+        while True:
+            msg = runner.next(deadline)
+            if msg is None: break
+            event = msg.get("event")
+            if event == "fatal":
+                problems.append(msg.get("error", "the checker process failed"))
+                left = []; break
+            if event == "ready":
+                if not str(msg.get("package", "")).startswith(str(snapshot.root)):
+                    problems.append("the checker process did not load the grader's copy of ptm_course")
+                    left = []; break
+                phase = "define"
+            elif event == "define": current, deadline = msg.get("name"), time.monotonic() + timeout
+            elif event == "defined" and msg.get("error"):
+                n = msg.get("name"); bad.add(n)
+                if n in left: grades[n] = ExerciseGrade(n, False, "error", msg["error"], "run your cell on its own and fix the error it shows")
+                if n in left: left.remove(n)
+                current = None
+            elif event == "defined": current = None
+            elif event == "start": phase, current, deadline = "check", msg.get("name"), time.monotonic() + timeout
+            elif event == "result":
+                n = msg.get("name")
+                status = msg.get("status") if msg.get("status") in (PASSED, FAILED, NOT_ATTEMPTED) else FAILED
+                if n in left:
+                    grades[n] = ExerciseGrade(n, status == PASSED, status, str(msg.get("message", "")), str(msg.get("hint", "")))
+                    left.remove(n)
+                current = None
+            elif event == "done": break
+        timed_out = time.monotonic() >= deadline
+        rc = runner.kill(ended=not timed_out)
+        _kill_marked(marker)
+        if not left or event == "done": break
+        if phase == "start":
+            why = "it did not start in time" if timed_out else _describe_exit(rc)
+            problems.append(f"the checker process could not start ({why})")
+            for n in left: grades[n] = ExerciseGrade(n, False, "not run", f"not checked: the checker process could not start ({why})")
+            break
+        if current is None or current not in left:  # died between exercises: nothing to blame, so blame the next one
+            current = left[0]
+        what = "defining" if phase == "define" else "checking"
+        if timed_out:
+            grades[current] = ExerciseGrade(current, False, "timeout",
+                                            f"{what} your function took longer than {timeout:g} s and was stopped",
+                                            "look for a loop that never ends, or work far bigger than the exercise needs")
+        else:
+            grades[current] = ExerciseGrade(current, False, "error",
+                                            f"the process {what} your function died: {_describe_exit(rc)} (a crash, exit(), or out of memory?)",
+                                            "something in your function crashed Python, exited, or used all the memory")
+        problems.append(f"{current}: {grades[current].message}; a fresh process went on with the other exercises")
+        bad.add(current); left.remove(current)
+    return grades, problems
 
 # %% ../nbs/90_exercises.ipynb #90faeb78
-def _reference_exercises(path: Path) -> list[str]:
-    "Exercises of the solution notebook with the same file name, if the course repository can be found."
+def load_references(reference: str | Path | None = None, near: Path | None = None) -> dict[str, Any]:
+    "{name: solution notebook}: `reference` (a notebook or a folder of them), else the course's exercises/solutions/."
     import nbformat
-    for start in (path.parent, None):
-        try: sol = find_course_root(start)/"exercises"/"solutions"/path.name
-        except FileNotFoundError: continue
-        if sol.exists() and sol.resolve() != path.resolve():
-            try: return find_exercises(nbformat.read(sol, as_version=4))
-            except Exception: return []
-    return []
+    if reference is None:
+        for start in (near, None):
+            try: reference = find_course_root(start)/"exercises"/"solutions"; break
+            except FileNotFoundError: continue
+        else: raise ValueError("no reference: run inside the course repository or pass --reference SOLUTION.ipynb")
+    reference = Path(reference)
+    paths = sorted(reference.glob("*.ipynb")) if reference.is_dir() else [reference]
+    if not paths or not all(p.exists() for p in paths):
+        raise ValueError(f"--reference {reference}: no such notebook (pass a solution notebook or a folder of them)")
+    refs = {}
+    for p in paths:
+        try: refs[p.stem] = nbformat.read(p, as_version=4)
+        except Exception as e: raise ValueError(f"--reference {p}: not a readable notebook ({type(e).__name__}: {_short(e)})") from None
+    return refs
 
-def _exercise_grades(nb, names: list[str], runs: list[_CellRun], timeout: float) -> list[ExerciseGrade]:
-    reported: dict[str, CheckResult] = {}
-    for run in runs:
-        for out in run.outputs:
-            data = out.get("data", {}).get(CHECK_MIME)
-            if isinstance(data, str):
-                try: data = json.loads(data)
-                except json.JSONDecodeError: data = None
-            if isinstance(data, dict):
-                r = CheckResult.from_dict(data)
-                reported[r.exercise] = r
-    grades = []
-    for name in names:
-        if name in reported:
-            r = reported[name]
-            grades.append(ExerciseGrade(name, r.passed, r.status, r.message, r.hint)); continue
-        checks = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and name in check_calls(c.source)]
-        defs = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and re.search(rf"^\s*def\s+{name}\s*\(", c.source, re.M)]
-        code_problem = next((f"; your code cell (cell {i}) failed: {runs[i].error}" for i in defs
-                             if runs[i].status in ("error", "timeout", "kernel died")), "")
-        if not checks:
-            grades.append(ExerciseGrade(name, False, "not run", f"no cell calls check_{name}(...): was the check cell deleted?"))
-            continue
-        run = runs[checks[-1]]
-        if run.status == "timeout":
-            g = ExerciseGrade(name, False, "timeout", f"the check cell timed out: {run.error}{code_problem}",
-                              "look for a loop that never ends, or work far bigger than the exercise needs")
-        elif run.status == "kernel died":
-            g = ExerciseGrade(name, False, "error", f"the kernel died during the check{code_problem}",
-                              "something in your function crashed Python or used all the memory")
-        elif run.status == "error":
-            g = ExerciseGrade(name, False, "error", f"the check cell failed: {run.error}{code_problem}",
-                              "run the notebook top to bottom (Restart Kernel and Run All) and fix the first error")
-        elif run.status == "not run":
-            g = ExerciseGrade(name, False, "not run", run.error or f"the check cell did not run{code_problem}")
-        else:
-            g = ExerciseGrade(name, False, "failed", f"the check cell ran but reported no result{code_problem}",
-                              f"keep the call check_{name}({name}) in the check cell")
-        grades.append(g)
-    return grades
-
-def grade_notebook(path: str | Path, timeout: float = 60) -> NotebookGrade:
-    "Run the notebook at `path` with a time limit of `timeout` seconds per cell and grade each exercise."
-    t0, path, names = time.monotonic(), Path(path), []
-    grade = NotebookGrade(str(path))
+def grade_notebook(path: str | Path, timeout: float = 60, reference: str | Path | dict | None = None,
+                   data: bytes | None = None, snapshot: Snapshot | None = None, seed: int | None = None) -> NotebookGrade:
+    """Grade the submission at `path` (or its contents `data`) against its reference: the learner's functions are checked
+    in fresh processes, from a private copy, with a time limit of `timeout` seconds per exercise."""
+    t0, path = time.monotonic(), Path(path)
+    grade, own_snapshot, workdir = NotebookGrade(str(path)), snapshot is None, None
+    names = []
     try:
-        nb, grade.problems = _read_notebook(path)
-        names = list(dict.fromkeys(_reference_exercises(path) + find_exercises(nb)))
-        if not names:
-            grade.error = "no exercises found: no code cell calls a check_NAME(...) function"
-            return grade
-        runs, notes = _run_sync(_run_cells(nb, timeout, path.parent.resolve()))
-        checks = {i for i, c in enumerate(nb.cells) if c.cell_type == "code" and check_calls(c.source)}
-        grade.problems += [f"cell {i}: {r.status}: {r.error}" for i, r in enumerate(runs)
-                           if r.status in ("error", "timeout", "kernel died") and i not in checks] + notes
-        grade.exercises = _exercise_grades(nb, names, runs, timeout)
+        if data is None:
+            try: data = path.read_bytes()
+            except OSError as e: raise ValueError(f"cannot read the file: {e.strerror or e}") from None
+        nb, grade.problems = _read_notebook(path, data)
+        refs = reference if isinstance(reference, dict) else load_references(reference, path.parent)
+        grade.reference = match_reference(nb, refs)
+        names, setup, _ = reference_parts(refs[grade.reference])
+        answers = submission_answers(nb, names)
+        for a in answers.values():
+            if a.dropped: grade.problems.append(f"cell {a.cell} ({a.name}): not run by the grader, only imports and definitions are: {'; '.join(a.dropped[:3])}")
+            if a.suspicious: grade.problems.append(f"cell {a.cell} ({a.name}): uses {', '.join(a.suspicious)}: read it by hand")
+        workdir = Path(tempfile.mkdtemp(prefix="ptm-grade-"))
+        (workdir/"tmp").mkdir()
+        (workdir/"submission.ipynb").write_bytes(data)   # the private copy the checker process works beside
+        snapshot = snapshot or Snapshot()
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        checked, notes = run_checks(setup, names, {n: a for n, a in answers.items()}, timeout, workdir, snapshot,
+                                    seed, marker=secrets.token_hex(8))
+        grade.problems += notes
+        for n in names:
+            a = answers[n]
+            if a.cell is None:
+                grade.exercises.append(ExerciseGrade(n, False, NOT_ATTEMPTED, f"no code cell defines `{n}`",
+                                                     f"keep the cell with `def {n}(...)` from the exercise notebook"))
+            elif a.error:
+                grade.exercises.append(ExerciseGrade(n, False, "error", f"your cell (cell {a.cell}) does not run: {a.error}",
+                                                     "run the cell in Jupyter: the error shows where"))
+            else: grade.exercises.append(checked.get(n) or ExerciseGrade(n, False, "not run", "not checked"))
     except ValueError as e:
         grade.error = str(e)
     except Exception as e:  # the grader itself must survive anything a notebook does
         grade.error = f"could not grade this notebook: {type(e).__name__}: {_short(e)}"
         grade.exercises = [ExerciseGrade(n, False, "not run", grade.error) for n in names]
     finally:
+        if workdir is not None:
+            _make_writable(workdir); shutil.rmtree(workdir, ignore_errors=True)
+        if own_snapshot and snapshot is not None:
+            changed = snapshot.check()
+            if changed: grade.problems.append(f"changed the grader's files ({', '.join(changed[:5])}): restored"); snapshot.restore(changed)
+            snapshot.remove()
         grade.seconds = time.monotonic() - t0
     return grade
 
@@ -615,19 +850,84 @@ def format_summary(grades: list[NotebookGrade]) -> str:
         lines.append(f"  {n:<{width}}  {sum(got)}/{len(got)} passed")
     return "\n".join(lines)
 
+# %% ../nbs/90_exercises.ipynb #4cd3fa71
+DEFAULT_ID_PATTERN = r"(?:^|/)(?P<name>[A-Za-z][A-Za-z-]*)_(?:LATE_)?(?P<id>\d+)_[^/]*$"
+
+def student_of(notebook: str | Path, id_pattern: str | None = None, root: str | Path | None = None) -> tuple[str, str, str]:
+    "(id, name, problem) of a submission's path: `id_pattern` (groups `id` and `name`), else its path below `root` without .ipynb."
+    text = Path(notebook).as_posix()
+    try: stem = Path(notebook).relative_to(root).with_suffix("").as_posix() if root else Path(notebook).stem
+    except ValueError: stem = Path(notebook).stem
+    m = re.search(id_pattern or DEFAULT_ID_PATTERN, text)
+    if not m:
+        return stem, "", (f"the file name does not match --id-pattern {id_pattern!r}: its name is used as the id" if id_pattern else "")
+    groups = m.groupdict()
+    sid = groups.get("id") or (m.group(1) if m.re.groups else m.group(0))
+    return sid, groups.get("name") or "", ""
+
+def _compile_id_pattern(id_pattern: str | None) -> None:
+    if id_pattern is None: return
+    try: rx = re.compile(id_pattern)
+    except re.error as e: raise ValueError(f"--id-pattern {id_pattern!r} is not a regular expression: {e}") from None
+    if "id" not in rx.groupindex and rx.groups == 0:
+        raise ValueError(f"--id-pattern {id_pattern!r} has no group: mark the id with (?P<id>...)")
+
+def _exercise_error(e: ExerciseGrade) -> str:
+    return f"{e.name}: {e.status}: {_short(e.message, 120)}" if e.status in ("error", "timeout", "not run") else ""
+
+def gradebook(grades: list[NotebookGrade], id_pattern: str | None = None) -> tuple[list[str], list[dict]]:
+    "(exercise names, one row per student): {'student', 'name', 'references', 'points', 'max_points', 'error', 'exercises': {name: grade}}."
+    _compile_id_pattern(id_pattern)
+    names = list(dict.fromkeys(e.name for g in grades for e in g.exercises))
+    try: root = os.path.commonpath([os.path.dirname(os.path.abspath(g.notebook)) for g in grades]) if grades else None
+    except ValueError: root = None
+    rows: dict[str, dict] = {}
+    for g in grades:
+        sid, name, problem = student_of(os.path.abspath(g.notebook) if root else g.notebook, id_pattern, root)
+        row = rows.setdefault(sid, dict(student=sid, name=name, references=[], exercises={}, errors=[]))
+        row["name"] = row["name"] or name
+        if g.reference: row["references"].append(g.reference)
+        for e in g.exercises:
+            if e.name in row["exercises"]:
+                row["errors"].append(f"{e.name} graded twice ({Path(g.notebook).name}): the better result is kept")
+                if row["exercises"][e.name].passed: continue
+            row["exercises"][e.name] = e
+        row["errors"] += [x for x in [problem, g.error and f"{Path(g.notebook).name}: {g.error}", *map(_exercise_error, g.exercises)] if x]
+    out = []
+    for row in rows.values():
+        row["points"] = sum(e.passed for e in row["exercises"].values())
+        row["max_points"] = len(row["exercises"])
+        row["error"] = "; ".join(row.pop("errors"))
+        out.append(row)
+    return names, out
+
 def write_json(grades: list[NotebookGrade], path: str | Path) -> None:
     "The class's results as a JSON list, one object per notebook."
     Path(path).write_text(json.dumps([g.to_dict() for g in grades], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-def write_csv(grades: list[NotebookGrade], path: str | Path) -> None:
-    "The class's results as CSV: one row per notebook, one column per exercise (1 passed, 0 not, empty if absent)."
-    names = list(dict.fromkeys(e.name for g in grades for e in g.exercises))
+def write_csv(grades: list[NotebookGrade], path: str | Path, id_pattern: str | None = None) -> None:
+    "The gradebook as CSV: one row per student; points, max_points, error, and per exercise its points and its status."
+    names, rows = gradebook(grades, id_pattern)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["notebook", "score", "passed", "total", "error", *names])
-        for g in grades:
-            got = {e.name: int(e.passed) for e in g.exercises}
-            w.writerow([g.notebook, f"{g.score:.4f}", g.passed, len(g.exercises), g.error or "", *[got.get(n, "") for n in names]])
+        w.writerow(["student", "name", "points", "max_points", "error", *names, *[f"{n} status" for n in names]])
+        for r in rows:
+            ex = r["exercises"]
+            w.writerow([r["student"], r["name"], r["points"], r["max_points"], r["error"],
+                        *[int(ex[n].passed) if n in ex else "" for n in names], *[ex[n].status if n in ex else "" for n in names]])
+
+CANVAS_HEADER = ["Student", "ID", "SIS User ID", "SIS Login ID", "Section"]
+
+def write_canvas(grades: list[NotebookGrade], path: str | Path, id_pattern: str | None = None, assignment: str | None = None) -> None:
+    "The gradebook as a Canvas import: Student, ID, SIS User ID, SIS Login ID, Section, then the assignment's points."
+    names, rows = gradebook(grades, id_pattern)
+    if not assignment:
+        refs = list(dict.fromkeys(r for row in rows for r in row["references"]))
+        assignment = " + ".join(refs) or "Exercises"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([*CANVAS_HEADER, assignment])
+        for r in rows: w.writerow([r["name"] or r["student"], r["student"], "", "", "", r["points"]])
 
 # %% ../nbs/90_exercises.ipynb #73d68596
 def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
@@ -641,21 +941,57 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
         else: missing.append(p)
     return list(dict.fromkeys(found)), missing
 
-def grade_cli(paths: list[str], json_path: str | None = None, csv_path: str | None = None, timeout: float = 60) -> int:
-    "Grade notebooks (files or folders); print a table per notebook, optionally write JSON/CSV. 0 if grading ran."
+def grade_class(notebooks: list[Path], timeout: float = 60, reference: str | Path | None = None, seed: int | None = None,
+                progress: Callable | None = None) -> list[NotebookGrade]:
+    "Grade `notebooks` one after the other; each is read first, and any that a submission changes or deletes is put back."
+    refs = load_references(reference, notebooks[0].parent if notebooks else None)
+    contents = {}
+    for p in notebooks:
+        try: contents[p] = p.read_bytes()
+        except OSError as e: contents[p] = e
+    snapshot, grades = Snapshot(), []
+    try:
+        for path in notebooks:
+            data = contents[path]
+            if isinstance(data, OSError): g = NotebookGrade(str(path), error=f"cannot read the file: {data.strerror or data}")
+            else: g = grade_notebook(path, timeout=timeout, reference=refs, data=data, snapshot=snapshot, seed=seed)
+            for other, kept in contents.items():
+                if isinstance(kept, OSError): continue
+                try: same = other.read_bytes() == kept
+                except OSError: same = False
+                if not same:
+                    try: other.parent.mkdir(parents=True, exist_ok=True); other.write_bytes(kept); how = "put back"
+                    except OSError as e: how = f"could not put it back: {e}"
+                    g.problems.append(f"{other.name} (another submission) was changed or deleted while this one ran: {how}")
+            changed = snapshot.check()
+            if changed:
+                g.problems.append(f"changed the grader's files ({', '.join(changed[:5])}): restored")
+                snapshot.restore(changed)
+            if progress: progress(g)
+            grades.append(g)
+    finally:
+        snapshot.remove()
+    return grades
+
+def grade_cli(paths: list[str], json_path: str | None = None, csv_path: str | None = None, timeout: float = 60,
+              reference: str | None = None, seed: int | None = None, canvas_path: str | None = None,
+              id_pattern: str | None = None, assignment: str | None = None) -> int:
+    "Grade notebooks (files or folders); print a table per notebook, optionally write JSON, a CSV gradebook, a Canvas import. 0 if grading ran."
     notebooks, missing = _expand(list(paths))
     for m in missing: print(f"warning: {m}: no such file or folder", file=sys.stderr)
     if not notebooks:
         print("error: no notebooks to grade: pass .ipynb files or folders that contain them", file=sys.stderr); return 2
     if not timeout or timeout <= 0:
         print(f"error: --timeout must be a positive number of seconds, not {timeout}", file=sys.stderr); return 2
-    grades = []
-    for path in notebooks:
-        g = grade_notebook(path, timeout=timeout)
-        print(format_grade(g), flush=True)
-        grades.append(g)
+    try:
+        _compile_id_pattern(id_pattern)
+        grades = grade_class(notebooks, timeout, reference, seed, progress=lambda g: print(format_grade(g), flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
     if len(grades) > 1: print(format_summary(grades))
-    for out, write in ((json_path, write_json), (csv_path, write_csv)):
+    writers = ((json_path, write_json), (csv_path, functools.partial(write_csv, id_pattern=id_pattern)),
+               (canvas_path, functools.partial(write_canvas, id_pattern=id_pattern, assignment=assignment)))
+    for out, write in writers:
         if not out: continue
         try: write(grades, out); print(f"wrote {out}")
         except OSError as e: print(f"error: could not write {out}: {e}", file=sys.stderr); return 2

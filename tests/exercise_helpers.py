@@ -87,12 +87,14 @@ def assert_student_notebook(chapter: str, solution_lines: tuple[str, ...], n_exe
 
 def assert_unchanged_by_nbdev_clean(*paths: Path) -> None:
     "CI runs `nbdev-clean` before checking that generated files are up to date: these notebooks must already be clean."
+    import tomllib
     from fastcore.nbio import nb2str
     from nbdev.clean import clean_nb
+    cfg = tomllib.loads((ROOT/"pyproject.toml").read_text(encoding="utf-8"))["tool"]["nbdev"]  # what nbdev-clean reads
     for path in paths:
         text = path.read_text(encoding="utf-8")
         nb = json.loads(text)
-        clean_nb(nb)
+        clean_nb(nb, allowed_metadata_keys=cfg.get("allowed_metadata_keys"), allowed_cell_metadata_keys=cfg.get("allowed_cell_metadata_keys"))
         assert nb2str(nb) == text, path
 
 
