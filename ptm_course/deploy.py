@@ -30,7 +30,7 @@ from torch import nn
 from .compress import (accuracy_of, cnn_logits_onnx, export_cnn, export_text_onnx, file_size_mb, latency_ms,
                                  minilm_reviews_dir, mnist_teacher, ort_session, quantize_onnx_dynamic, review_batches,
                                  text_logits_onnx)
-from .core import cache_dir, fast_or_full, get_device, is_fast
+from .core import cache_dir, fast_or_full, get_device, hardware_info, is_fast
 from .data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 # %% auto #0
@@ -833,7 +833,6 @@ def serving_requests(n: int = 64) -> list[tuple[str, dict]]:
 # %% ../nbs/08_deployment.ipynb #75695e13
 def bench_deploy(runs: int | None = None, device=None) -> dict:
     "Export check, batch-1 latency (eager, ONNX Runtime fp32/int8) of the CNN and MiniLM, and a load test of the server: the `ptm-course bench deploy` figures."
-    from ptm_course.bench import hardware_info
     from ptm_course.data import review_splits
     device = get_device(device)
     runs = runs or fast_or_full(20, 200)

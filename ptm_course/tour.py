@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .compress import accuracy_of
-from .core import get_device, seed_everything
+from .core import get_device, hardware_info, seed_everything
 from .data import mnist_tensors
 from .deploy import cnn_runners, export_digit_models, format_latency, measure_runners, plot_latency, verify_onnx, write_manifest
 from .vision import balanced_subset, count_parameters, finetune, pretrain_autoencoder, transfer_encoder
@@ -57,7 +57,6 @@ def _say(step: str, t0: float): print(f"[{time.perf_counter() - t0:6.1f} s] {ste
 # %% ../nbs/09_tour.ipynb #e9b4831c
 def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
     "Run the course end to end on MNIST (pretrain, fine-tune, compress, export, benchmark) and write `report.md`, plots, `results.json` and `models/` to `out` (default ./ptm-course-tour); returns the report's path."
-    from ptm_course.bench import hardware_info
     cfg = TOUR_SETTINGS["fast" if fast else "full"]
     out = Path(out if out is not None else "ptm-course-tour").expanduser().resolve()
     models_dir = out/"models"

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DIRECTIVE = re.compile(r"^\s*#\|.*$\n?", re.M)                  # nbdev's `#| export`, `#| hide`, `#| default_exp ...`
 WIDGET = "application/vnd.jupyter.widget-view+json"
-TOOLING = {"90", "91", "92", "93", "94", "95", "96", "97", "98", "99"}  # notebooks that build the course's tooling
+
 MATHJAX_PARTS = ["tex-svg.js", "input", "output/svg", "output/svg.js", "ui", "a11y", "sre", "adaptors"]
 
 
@@ -32,6 +32,11 @@ def find_mathjax(explicit: str | None = None) -> Path:
         if (c/"tex-svg.js").exists(): return c
     raise SystemExit(f"MathJax 3 not found (looked for tex-svg.js in {', '.join(map(str, candidates))}). Install it once "
                      "with `npm ci` in the repository (package.json pins mathjax@3), or pass --mathjax PATH/TO/mathjax/es5.")
+
+
+def is_tooling(name: str) -> bool:
+    "Notebooks 90-99 (and 97a, 97b, ...) build the course's tooling (grader, checkers, benchmarks, command)."
+    return chapter_key(name).startswith("9")
 
 
 def chapter_key(name: str) -> str:
@@ -69,7 +74,7 @@ def clean_notebook(path: Path, footer: str | None = None) -> dict:
 def exercise_footer(chapter: Path, exercises: dict[str, Path]) -> str | None:
     "A closing 'Exercises' cell for a chapter that has exercises and does not link them already."
     ex = exercises.get(chapter_key(chapter.stem))
-    if ex is None or chapter.stem in TOOLING or f"exercises/{ex.name}" in chapter.read_text(encoding="utf-8"): return None
+    if ex is None or is_tooling(chapter.stem) or f"exercises/{ex.name}" in chapter.read_text(encoding="utf-8"): return None
     return (f"## Exercises\n\nPractise what this chapter taught with [its exercises](../exercises/{ex.name}): "
             "each one checks itself and gives a hint when something is off. In JupyterLab, open "
             f"`exercises/{ex.name}` from the repository.")
@@ -103,8 +108,8 @@ def stage_sources(stage: Path, mathjax: Path) -> int:
     "Copy everything the site shows into `stage`, cleaned; returns the number of pages."
     exercises = {chapter_key(p.stem): p for p in sorted((ROOT/"exercises").glob("*.ipynb"))}
     notebooks = sorted(p for p in (ROOT/"nbs").glob("*.ipynb") if p.stem != "index")
-    chapters = [p for p in notebooks if chapter_key(p.stem) not in TOOLING]
-    tooling = [p for p in notebooks if chapter_key(p.stem) in TOOLING]
+    chapters = [p for p in notebooks if not is_tooling(p.stem)]
+    tooling = [p for p in notebooks if is_tooling(p.stem)]
     (stage/"nbs").mkdir(parents=True); (stage/"exercises").mkdir()
     for p in notebooks:
         (stage/"nbs"/p.name).write_text(json.dumps(clean_notebook(p, exercise_footer(p, exercises))), encoding="utf-8")
