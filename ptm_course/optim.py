@@ -99,8 +99,9 @@ def autograd_gradient(loss_fn, X, y, *params):
     return torch.autograd.grad(loss_fn(X, y, *params), params)
 
 def numerical_gradient(loss_fn, X, y, *params, eps: float = 1e-6):
-    """Central finite differences (L(θ + εe_j) − L(θ − εe_j)) / 2ε, one coordinate at a time: slow, but needs no
-    calculus. Defined in chapter 1."""
+    """Central finite differences (L(θ + εe_j) − L(θ − εe_j)) / 2ε, one coordinate at a time:
+
+    slow, but needs no calculus. Defined in chapter 1."""
     params = [p.detach().clone() for p in params]
     grads = []
     for p in params:
@@ -148,7 +149,9 @@ def logistic_regression_loss(X, y, w, b):
     return F.binary_cross_entropy_with_logits(X @ w + b, y)
 
 def logistic_regression_gradient(X, y, w, b):
-    "Gradient of `logistic_regression_loss` w.r.t. (w, b), by hand: Xᵀ(p − y)/N and mean(p − y). Defined in chapter 1."
+    """Gradient of `logistic_regression_loss` w.r.t. (w, b), by hand: Xᵀ(p − y)/N and mean(p − y).
+
+    Defined in chapter 1."""
     error = torch.sigmoid(X @ w + b) - y
     return X.T @ error / len(y), error.mean()
 
@@ -340,14 +343,14 @@ class Adam(Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)     # m
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # v
-                    if group["amsgrad"]: state["max_exp_avg_sq"] = torch.zeros_like(p,
-                                                                                    memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 step = state["step"] = int(state["step"]) + 1   # int(): also reads torch's tensor-valued step
                 if weight_decay != 0:
                     if group["decoupled_weight_decay"]: p.mul_(1 - lr * weight_decay)   # AdamW: shrink θ itself
                     else: grad = grad.add(p, alpha=weight_decay)                         # Adam: L2 term in the gradient
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(grad, 1 - beta1)                               # m ← β1·m + (1 − β1)·g, rounded like PyTorch
+                m.lerp_(grad, 1 - beta1)                               # m ← β1·m + (1 − β1)·g, like PyTorch
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v ← β2·v + (1 − β2)·g²
                 if group["amsgrad"]:
                     v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
