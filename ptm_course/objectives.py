@@ -119,7 +119,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if not 0 <= alpha <= 1: raise ValueError(f"alpha is the weight of the distillation term and must lie in [0, 1], "
                                              f"got {alpha}.")
     n_classes = student_logits.shape[-1]
-    student, teacher = student_logits.reshape(-1, n_classes).float(), teacher_logits.reshape(-1, n_classes).detach().float()
+    student, teacher = (student_logits.reshape(-1, n_classes).float(),
+                        teacher_logits.reshape(-1, n_classes).detach().float())
     if labels is not None:
         _check_ids(labels, "labels")
         if labels.shape != student_logits.shape[:-1]:
