@@ -42,9 +42,8 @@ LABEL_NAMES = ("rotten", "fresh")  # label ids 0 and 1, as in `ptm_course.data`
 def encode_reviews(reviews: list[Review], tokenizer, max_length: int = 64) -> list[dict]:
     "Tokenized reviews, each a dict of `input_ids`, `attention_mask` and `labels`, cut at `max_length` tokens."
     enc = tokenizer([r.text for r in reviews], truncation=True, max_length=max_length)
-    return [
-        {"input_ids": ids, "attention_mask": m, "labels": r.label} for ids, m, r in zip(enc["input_ids"],
-                                                                                        enc["attention_mask"], reviews)]
+    return [{"input_ids": ids, "attention_mask": m, "labels": r.label}
+            for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], reviews)]
 
 def review_loader(encoded: list[dict], tokenizer, batch_size: int = 32, shuffle: bool = True, seed: int = 0):
     "A `DataLoader` of padded batches; when shuffling, reviews of similar length are grouped (`LengthGroupedSampler`)."
@@ -121,8 +120,8 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
     'cls'."""
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
-    if pooling is not None and pooling not in POOLINGS: raise ValueError(f"pooling must be one of {POOLINGS} or "
-                                                                         f"None, got {pooling!r}.")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}.")
     labels = dict(num_labels=2, id2label=dict(enumerate(LABEL_NAMES)),
                   label2id={n: i for i, n in enumerate(LABEL_NAMES)})
     seed_everything(seed)  # the new weights (classifier, pooler, or all of them) depend on the seed
