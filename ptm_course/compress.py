@@ -24,7 +24,8 @@ from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
 from .data import DeviceLoader, mnist_tensors
 from .objectives import distillation_loss
 from .train import train
-from .vision import MnistCNN, classification_loss, count_parameters, evaluate_accuracy, one_cycle, predict, train_mnist_cnn
+from .vision import (MnistCNN, classification_loss, count_parameters, evaluate_accuracy, one_cycle, predict,
+                              train_mnist_cnn)
 
 # %% auto #0
 __all__ = ['EMBEDDINGS', 'MNIST_KD', 'quant_range', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'quantization_error',
@@ -66,7 +67,8 @@ def qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | 
     else:
         scale = (hi - lo)/(qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero tensor: any scale is exact
-    zero_point = torch.zeros_like(scale, dtype=torch.int64) if symmetric else (qmin - torch.round(lo/scale)).clamp(qmin, qmax).long()
+    zero_point = (torch.zeros_like(scale, dtype=torch.int64) if symmetric
+                  else (qmin - torch.round(lo/scale)).clamp(qmin, qmax).long())
     return scale, zero_point
 
 def quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, symmetric: bool = False,
@@ -90,7 +92,8 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: 
 
 def quantization_error(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> float:
     "Relative error ‖x − x̂‖/‖x‖ of `bits`-bit fake quantization."
-    return (torch.linalg.vector_norm(x.float() - fake_quantize(x, bits, symmetric, dim).float())/torch.linalg.vector_norm(x.float())).item()
+    return (torch.linalg.vector_norm(x.float() - fake_quantize(x, bits, symmetric, dim).float())
+            /torch.linalg.vector_norm(x.float())).item()
 
 # %% ../nbs/07_compression.ipynb #5bbe20d2
 def mnist_teacher(x_train, y_train, x_test, y_test, *, epochs: float | None = None, seed: int = 0,
@@ -455,9 +458,8 @@ def state_size_mb(model: nn.Module, sparse: bool = False) -> float:
     import tempfile
     from safetensors.torch import save_file
     tensors = {}
-    sparse_names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m,
-                                                                                        (
-                                                                                            nn.Conv1d, nn.Conv2d, nn.Linear))} if sparse else set()
+    sparse_names = ({f"{name}.weight" for name, m in model.named_modules()
+                     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))} if sparse else set())
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
         if k in sparse_names:
@@ -576,7 +578,9 @@ def mnist_students(teacher: nn.Module, x_train, y_train, seeds=(0, 1, 2), device
     out = {}
     for seed in seeds:
         for name in ("alone", "taught"):
-            path = cache_dir("compress")/(f"mnist_student_{name}_h{MNIST_KD['hidden']}_e{epochs}_T{MNIST_KD['temperature']:g}_a{MNIST_KD['alpha']:g}_{len(x_train)}_s{seed}.safetensors")
+            path = cache_dir("compress")/(f"mnist_student_{name}_h{MNIST_KD['hidden']}_e{epochs}"
+                                          f"_T{MNIST_KD['temperature']:g}_a{MNIST_KD['alpha']:g}_{len(x_train)}"
+                                          f"_s{seed}.safetensors")
             model = mlp_student(MNIST_KD["hidden"])
             if path.exists(): model.load_state_dict(load_file(path))
             else:
