@@ -176,9 +176,8 @@ def check_sgd_momentum_step(fn, steps: int = 5, seed: int = 0):
             if not (close(p, wp, 1e-5) and close(v, wv, 1e-5)):
                 wrong = [f"{n} (relative error {relative_error(a, b):.1e})" for n, a, b in
                          (("parameters", p, wp), ("velocity", v, wv)) if not close(a, b, 1e-5)]
-                hint = diagnose(got,
-                                {
-                                    h: _rule_trajectory(rule, p0, grads[:t + 1], lr, mu) for h, rule in _MOMENTUM_MISTAKES.items()}, 1e-5)
+                hint = diagnose(got, {h: _rule_trajectory(rule, p0, grads[:t + 1], lr, mu)
+                                      for h, rule in _MOMENTUM_MISTAKES.items()}, 1e-5)
                 raise Fail(f"step {t + 1} of case {case} (lr={lr}, momentum={mu}): wrong {' and '.join(wrong)}",
                            hint or "first v <- momentum * v + grad, then param <- param - lr * v")
     return f"matches torch.optim.SGD over {steps} steps in {len(cases)} random cases"
@@ -245,8 +244,8 @@ def check_adam_step(fn, steps: int = 6, seed: int = 0):
             wp, wm, wv = want[t - 1]
             if not all(close(a, b, 1e-5) for a, b in ((p, wp), (m, wm), (v, wv))):
                 wrong = [n for n, a, b in (("parameters", p, wp), ("m", m, wm), ("v", v, wv)) if not close(a, b, 1e-5)]
-                variants = {
-                    h: _rule_trajectory_adam(rule, p0, grads[:t], lr, b1, b2, eps) for h, rule in _ADAM_MISTAKES.items()}
+                variants = {h: _rule_trajectory_adam(rule, p0, grads[:t], lr, b1, b2, eps)
+                            for h, rule in _ADAM_MISTAKES.items()}
                 hint = diagnose(got, variants, 1e-5)
                 raise Fail(f"step t={t} of case {case} (lr={lr}, betas=({b1}, {b2}), eps={eps:g}): wrong "
                            f"{', '.join(wrong)} (relative error "
@@ -275,8 +274,8 @@ def _spd_matrix(d: int, gen: torch.Generator, diagonal: bool = False) -> torch.T
 def check_max_stable_learning_rate(fn, seed: int = 0):
     "Check `fn(A)`, the largest learning rate at which gradient descent converges on 1/2 x^T A x, against eigvalsh."
     gen = _generator(seed)
-    cases = [(_spd_matrix(d, gen, diagonal=diag), d, diag) for d, diag in [(5, False), (2, False), (10, False),
-                                                                           (3, True), (1, False)]]
+    cases = [(_spd_matrix(d, gen, diagonal=diag), d, diag)
+             for d, diag in [(5, False), (2, False), (10, False), (3, True), (1, False)]]
     for case, (A, d, diag) in enumerate(cases, 1):
         before = A.clone()
         out = expect_number(attempt(fn, A), "the learning rate")
@@ -416,6 +415,6 @@ def check_warmup_cosine_lr(fn):
             raise Fail(f"base_lr={base:g}, warmup_steps={W}, total_steps={T}, min_lr={min_lr:g}: the rate is wrong "
                        f"from step {s} ({phase}; off by {100 * abs(got[s] - want[s]) / base:.1f}% of base_lr), at "
                        f"{len(bad)} of {T + 1} steps",
-                       hint or ("check the warmup formula" if phase == "warmup" else "check the decay formula and "
-                                                                                     "its progress variable"))
+                       hint or ("check the warmup formula" if phase == "warmup"
+                                else "check the decay formula and its progress variable"))
     return f"matches torch.optim.lr_scheduler at every step of {len(cases)} schedules"
