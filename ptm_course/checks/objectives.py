@@ -137,7 +137,8 @@ def check_denoising_loss(fn, seed: int = 0):
         if not any(x.shape == corrupted.shape and torch.equal(x, corrupted) for x in model.inputs):
             seen = model.inputs[-1]
             same = lambda t: seen.shape == t.shape and torch.equal(seen, t)
-            hint = ("the model saw the clean images: set the hidden pixels (mask True) to 0 first, then reconstruct" if same(images) else
+            hint = ("the model saw the clean images: set the hidden pixels (mask True) to 0 first, then reconstruct"
+                    if same(images) else
                     "the model saw the wrong pixels hidden: mask is True where a pixel is hidden (set to 0)"
                     if same(images.masked_fill(~mask, 0.0)) else
                     "give the model the images with the hidden pixels (mask True) set to 0, and nothing else changed")
@@ -195,7 +196,9 @@ def _causal_variants(logits, ids, mask) -> dict:
     nxt, same, back = ce(logits[:, :-1], ids[:, 1:]), ce(logits, ids), ce(logits[:, 1:], ids[:, :-1])
     target = m[:, 1:]
     return {
-        "no shift: the logits at position t predict the token at t + 1, so compare logits[:, :-1] with input_ids[:, 1:]": same[m].mean(),
+        "no shift: the logits at position t predict the token at t + 1, "
+        "so compare logits[:, :-1] with input_ids[:, 1:]":
+            same[m].mean(),
         "shifted the wrong way: the logits at position t predict the next token (t + 1), not the one before":
             back[m[:, :-1]].mean(),
         "shifted the wrong way (the logits at t predict the token at t + 1), and padding is counted": back.mean(),
@@ -509,7 +512,9 @@ def _distillation(s, t, y, T, alpha, power=2, swap=False, reduction="batchmean",
     return a * T**power * kl + (1 - a) * F.cross_entropy(s / T if hard_T else s, y)
 
 _DISTILLATION_MISTAKES = {
-    "the soft term lacks its factor T**2: dividing the logits by T shrinks its gradient by 1/T**2, and T**2 restores it": dict(power=0),
+    "the soft term lacks its factor T**2: dividing the logits by T shrinks its gradient by 1/T**2, "
+    "and T**2 restores it":
+        dict(power=0),
     "multiply the soft term by T squared, not by T": dict(power=1),
     "the KL divergence is the wrong way round: KL(teacher || student) = sum p_teacher * (log p_teacher - log "
     "p_student); F.kl_div takes the student's log-probabilities as input and the teacher's as target": dict(swap=True),
