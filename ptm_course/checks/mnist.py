@@ -88,7 +88,8 @@ def _expect_shape(value, name: str = "the shape") -> tuple:
     "`value` as a tuple of ints if it is a tuple, list or torch.Size of whole numbers; otherwise `Fail`."
     if not isinstance(value, (tuple, list, torch.Size)):
         raise Fail(f"{name} is a {type(value).__name__}, expected a tuple of ints",
-                   "the function returns None: did you forget `return`?" if value is None else "return a tuple such as (channels, height, width)")
+                   "the function returns None: did you forget `return`?" if value is None
+                   else "return a tuple such as (channels, height, width)")
     out = []
     for v in value:
         if isinstance(v, torch.Tensor) and v.ndim == 0: v = v.item()
@@ -173,7 +174,8 @@ def _expect_counts(value, k: int) -> torch.Tensor:
     "`value` as an int64 (k, k) tensor if it is a tensor of that shape with whole-number entries; otherwise `Fail`."
     if not isinstance(value, torch.Tensor):
         raise Fail(f"the matrix is a {type(value).__name__}, expected a torch.Tensor of shape ({k}, {k})",
-                   "the function returns None: did you forget `return`?" if value is None else "build it with torch.zeros / torch.bincount")
+                   "the function returns None: did you forget `return`?" if value is None
+                   else "build it with torch.zeros / torch.bincount")
     if tuple(value.shape) != (k, k):
         square = value.ndim == 2 and value.shape[0] == value.shape[1]
         raise Fail(f"the matrix has shape {tuple(value.shape)}, expected ({k}, {k})",
@@ -278,8 +280,8 @@ def check_train_step(fn, steps: int = 3, lr: float = 0.1, seed: int = 0):
             raise Fail(f"step {step}: the parameters are right but the returned loss is not",
                        "you returned the loss after the update: return the one computed before it (the one you called "
                        "backward on)"
-                       if abs(loss - after) < 1e-5 * max(1.0, abs(after)) else "return the cross-entropy on this "
-                                                                               "batch as a float (loss.item())")
+                       if abs(loss - after) < 1e-5 * max(1.0, abs(after))
+                       else "return the cross-entropy on this batch as a float (loss.item())")
     return f"matches torch.optim.SGD over {steps} steps, stale gradients included"
 
 # %% ../../nbs/93_checks_mnist.ipynb #29620a8e
@@ -297,7 +299,8 @@ def check_freeze_encoder(fn, lr: float = 0.05, seed: int = 0):
     opt = attempt(fn, encoder, head, lr)
     if not isinstance(opt, torch.optim.Optimizer):
         raise Fail(f"your function returned a {type(opt).__name__}, expected a torch.optim optimizer",
-                   "the function returns None: did you forget `return`?" if opt is None else "return the optimizer, e.g. torch.optim.SGD(...)")
+                   "the function returns None: did you forget `return`?" if opt is None
+                   else "return the optimizer, e.g. torch.optim.SGD(...)")
     enc, hd = list(encoder.parameters()), list(head.parameters())
     trainable = sum(p.requires_grad for p in enc)
     if trainable:
