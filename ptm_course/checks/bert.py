@@ -301,9 +301,9 @@ def check_linear_warmup(fn):
             s = bad[0]
             phase = "warmup" if s < W else "decay" if s <= T else "after total_steps"
             hint = next((h for h, kw in _WARMUP_MISTAKES.items()
-                         if all(abs(g - v) <= 1e-9 + 1e-6 * base for g, v in zip(got,
-                                                                                 _linear_schedule(base, W, T, **kw)))),
-                                                                                 None)
+                         if all(abs(g - v) <= 1e-9 + 1e-6 * base
+                                for g, v in zip(got, _linear_schedule(base, W, T, **kw)))),
+                        None)
             raise Fail(f"{where}: the rate is wrong from step {s} ({phase}; off by "
                        f"{100 * abs(got[s] - want[s]) / base:.1f}% of base_lr), at {len(bad)} of {len(want)} "
                        f"steps", hint or ("check the warmup formula" if phase == "warmup"
