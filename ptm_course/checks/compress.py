@@ -188,8 +188,8 @@ def check_quantize(fn, seed: int = 0):
     where = lambda i: runs[i]["where"]
     _compare([torch.tensor(r["scale"], dtype=torch.float64) for r in runs],
              [torch.tensor(_qparams(r["x"], r["bits"])[0], dtype=torch.float64) for r in runs],
-             [{
-                 h: torch.tensor(float("nan") if v is None else v, dtype=torch.float64) for h, v in _scale_variants(r["x"], r["bits"]).items()}
+             [{h: torch.tensor(float("nan") if v is None else v, dtype=torch.float64)
+               for h, v in _scale_variants(r["x"], r["bits"]).items()}
               for r in runs],
              "the scale", "scale = (hi - lo) / (2**bits - 1) with lo = min(x.min(), 0) and hi = max(x.max(), 0)",
              tol=1e-5, where=where)
@@ -325,7 +325,8 @@ def _prune_variants(w: torch.Tensor, sparsity: float) -> dict:
         off_by_one.format("more"): _zero_smallest(w.abs(), k + 1),
         off_by_one.format("fewer"): _zero_smallest(w.abs(), k - 1),
         "prune the smallest weights of the whole tensor (one threshold for all), not the same share of every row":
-            torch.stack([_zero_smallest(row.abs(), round(sparsity * row.numel())) for row in w.reshape(w.shape[0], -1)]).reshape(w.shape),
+            torch.stack([_zero_smallest(row.abs(), round(sparsity * row.numel()))
+                         for row in w.reshape(w.shape[0], -1)]).reshape(w.shape),
     }
 
 _EDGE_HINTS = {
@@ -436,7 +437,8 @@ def check_soft_targets_loss(fn, seed: int = 0):
                        "train the teacher towards the student")
         if g_student is None or not close(g_student, want_g, 1e-4):
             raise Fail(f"the value is right but its gradient with respect to the student's logits is not, on {where(i)}"
-                       + (" (there is none)" if g_student is None else f" (relative error {relative_error(g_student, want_g):.1e})"),
+                       + (" (there is none)" if g_student is None
+                          else f" (relative error {relative_error(g_student, want_g):.1e})"),
                        "keep the student's side differentiable: no .detach(), .item() or torch.no_grad() on it")
     return (f"value matches T**2 * F.kl_div(..., reduction='batchmean', log_target=True), the student's gradient its "
             f"closed form, and no gradient reaches the teacher, on {len(cases)} cases with T from 0.5 to 10")
