@@ -358,7 +358,8 @@ def _latency_cases(seed: int) -> list[dict]:
         ms = rng.uniform(low, high, n)
         ms[rng.choice(n, slow, replace=False)] *= rng.uniform(3, 5, slow)
         return ms
-    def warm(n): return np.concatenate([[120.0], rng.uniform(20, 40, max(n - 1, 0))])[:n]  # the first call compiles, allocates, loads
+    # the first call compiles, allocates, loads
+    def warm(n): return np.concatenate([[120.0], rng.uniform(20, 40, max(n - 1, 0))])[:n]
     cpu = lambda runs, warmup, slow, low=2.0, high=3.0: (np.concatenate([warm(warmup), timed(runs, low, high, slow)]),
                                                          np.zeros(warmup + runs))
     gpu = lambda runs, warmup, slow, low=4.0, high=6.0: (np.full(warmup + runs, 0.05),
@@ -563,7 +564,8 @@ _REQUEST_CASES = [
      {"crash": "a body that is not UTF-8 makes .decode('utf-8') (and json.loads(bytes)) raise UnicodeDecodeError, "
                "which is not a json.JSONDecodeError: catch it too and answer 400"}),
     ("a body in UTF-16", _JSON, '{"text": "Great film."}'.encode("utf-16"), {},
-     {200: "decode the body as UTF-8 yourself, body.decode('utf-8'): json.loads(bytes) also accepts UTF-16 and UTF-32"}),
+     {200: "decode the body as UTF-8 yourself, body.decode('utf-8'): "
+           "json.loads(bytes) also accepts UTF-16 and UTF-32"}),
     ("a cut-off JSON body", _JSON, b'{"text": "Great film.', {}, {}),
     ("an empty body", _JSON, b"", {}, {}),
     ("a JSON list", _JSON, _json(["Great film."]), {}, {"crash": _OBJECT, 422: _OBJECT}),
@@ -600,7 +602,8 @@ def _expect_response(out, where: str) -> tuple[int, str]:
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
         raise Fail(f"{where}: your function returned {got}, expected a tuple (status, message)",
-                   "the function returns None: did you forget `return`?" if out is None else "return status, message, e.g. return 415, '...'")
+                   "the function returns None: did you forget `return`?" if out is None
+                   else "return status, message, e.g. return 415, '...'")
     status, message = out
     if isinstance(message, int) and isinstance(status, str):
         raise Fail(f"{where}: your function returned (message, status)",
@@ -623,16 +626,18 @@ def check_validate_review_request(fn):
         out, error = _outcome(fn, content_type, body, **kwargs)
         got = None if error is not None else _expect_response(out, where)
         want = _review_contract(content_type, body, **kwargs)
-        answer = "crash" if error is not None else got[0] if got[0] != want[0] else "changed" if want[0] == 200 and got[1] != want[1] else None
+        answer = ("crash" if error is not None else got[0] if got[0] != want[0]
+                  else "changed" if want[0] == 200 and got[1] != want[1] else None)
         results.append(dict(where=where, error=error, got=got, want=want, hints=hints, answer=answer))
     if bad := [r for r in results if r["answer"] is not None]:
         r, (status, text) = bad[0], bad[0]["want"]
         others = [s["got"][0] for s in results if s["error"] is None and s["want"][0] not in (200, 400)]
         crash = r["answer"] == "crash"
         hint = (_ALL_400 if r["answer"] == 400 and others and all(s == 400 for s in others) else
-                (r["hints"].get(f"crash:{type(r['error']).__name__}") if crash else None) or r["hints"].get(r["answer"]) or
-                (_UNCHANGED if r["answer"] == "changed" and r["got"][1] == text.strip() else None) or (
-                    None if crash else _STATUS_HINTS[status]))
+                (r["hints"].get(f"crash:{type(r['error']).__name__}") if crash else None)
+                or r["hints"].get(r["answer"])
+                or (_UNCHANGED if r["answer"] == "changed" and r["got"][1] == text.strip() else None)
+                or (None if crash else _STATUS_HINTS[status]))
         where = f"wrong on {len(bad)} of {len(results)} requests, first on {r['where']}"
         if crash: raise _crash(fn, r["error"], where, hint)
         if r["answer"] == "changed":
