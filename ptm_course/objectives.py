@@ -46,8 +46,8 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor,
     """How far `reconstruction` is from `target`: cross-entropy at every real token for token ids (given
     logits), mean squared error for real values."""
     if isinstance(target, torch.Tensor) and target.is_floating_point():
-        if attention_mask is not None: raise ValueError("attention_mask marks padding tokens; real-valued targets "
-                                                        "have none, so leave it out.")
+        if attention_mask is not None:
+            raise ValueError("attention_mask marks padding tokens; real-valued targets have none, so leave it out.")
         if reconstruction.shape != target.shape:
             raise ValueError(f"reconstruction has shape {tuple(reconstruction.shape)} but target has shape "
                              f"{tuple(target.shape)}: a real-valued reconstruction must have the shape of what it "
