@@ -293,8 +293,8 @@ def classify(texts, model_dir, device=None, batch_size: int = 64, max_length: in
     if isinstance(texts, str): texts = [texts]
     texts = list(texts)
     for i, t in enumerate(texts):
-        if not isinstance(t, str): raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a string: pass a "
-                                                   f"string or a list of strings.")
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a string: pass a string or a list of strings.")
         if not t.strip(): raise ValueError(f"texts[{i}] is empty: there is nothing to classify.")
     if batch_size < 1: raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     tokenizer, model = load_classifier(model_dir, device)
