@@ -564,8 +564,9 @@ def distill_mnist(student: nn.Module, teacher: nn.Module | None, x_train, y_trai
 def gap_recovered(student_alone: float, student_taught: float, teacher: float) -> float:
     """The fraction of the student-alone vs. teacher accuracy gap that distillation closed (1: taught student as
     good as the teacher)."""
-    if teacher <= student_alone: raise ValueError(f"No gap to recover: the student alone ({student_alone:.2f}) is "
-                                                  f"not below the teacher ({teacher:.2f}).")
+    if teacher <= student_alone:
+        raise ValueError(f"No gap to recover: the student alone ({student_alone:.2f}) is "
+                         f"not below the teacher ({teacher:.2f}).")
     return (student_taught - student_alone)/(teacher - student_alone)
 
 def mnist_students(teacher: nn.Module, x_train, y_train, seeds=(0, 1, 2), device=None) -> dict[
