@@ -117,8 +117,8 @@ def _export_cases(folder: Path, seed: int) -> list[dict]:
     inputs and true difference."""
     gen = _generator(seed)
     classifier, regressor = _dropout_classifier(seed), _batchnorm_regressor(seed + 1)
-    features, x, x2 = torch.randn(16, 8, generator=gen), torch.randn(5, 6,
-                                                                     generator=gen), torch.randn(7, 6, generator=gen)
+    features, x, x2 = (torch.randn(16, 8, generator=gen), torch.randn(5, 6, generator=gen),
+                       torch.randn(7, 6, generator=gen))
     logits = _eval_outputs(classifier, features)
     # how far each class is below the winner, per row (0 where it wins)
     margin = logits.max(1, keepdims=True) - logits
@@ -455,8 +455,8 @@ def _latency_variants(ms: np.ndarray, warmup: int) -> list[tuple[str, np.ndarray
              "percentile", np.full(3, t.mean())),
             ("np.percentile takes percents, from 0 to 100: np.percentile(times, 50) is the median (np.quantile takes "
              "0.5)", np.percentile(t, q / 100)),
-            *[(_RANK_HINT, np.percentile(t, q, method=m)) for m in ("lower", "higher", "nearest", "midpoint",
-                                                                    "inverted_cdf")],
+            *[(_RANK_HINT, np.percentile(t, q, method=m))
+              for m in ("lower", "higher", "nearest", "midpoint", "inverted_cdf")],
             (_RANK_HINT, ranked[np.minimum((q / 100 * n).astype(int), n - 1)])]
 
 @checker
