@@ -83,9 +83,9 @@ def linear_regression_loss(X, y, w, b):
     return ((X @ w + b - y) ** 2).mean()
 
 def mse_gradient(X, y, w, b):
-    """Gradient of `linear_regression_loss` w.r.t.
+    """Gradient of `linear_regression_loss` w.r.t. (w, b), derived by hand: (2/N) Xᵀr and (2/N) Σ r.
 
-    (w, b), derived by hand: (2/N) Xᵀr and (2/N) Σ r. Defined in chapter 1."""
+    Defined in chapter 1."""
     r = X @ w + b - y
     n = len(y)
     return 2 / n * X.T @ r, 2 / n * r.sum()
@@ -99,9 +99,8 @@ def autograd_gradient(loss_fn, X, y, *params):
     return torch.autograd.grad(loss_fn(X, y, *params), params)
 
 def numerical_gradient(loss_fn, X, y, *params, eps: float = 1e-6):
-    """Central finite differences (L(θ + εe_j) − L(θ − εe_j)) / 2ε, one coordinate at a time:
-
-    slow, but needs no calculus. Defined in chapter 1."""
+    """Central finite differences (L(θ + εe_j) − L(θ − εe_j)) / 2ε, one coordinate at a time: slow, but
+    needs no calculus. Defined in chapter 1."""
     params = [p.detach().clone() for p in params]
     grads = []
     for p in params:
@@ -156,9 +155,8 @@ def logistic_regression_gradient(X, y, w, b):
     return X.T @ error / len(y), error.mean()
 
 def softmax_regression_gradient(X, y, W, b):
-    """Gradient of `softmax_regression_loss` w.r.t.
-
-    (W, b), by hand: Xᵀ(P − Y)/N and the column sums of (P − Y)/N. Defined in chapter 1."""
+    """Gradient of `softmax_regression_loss` w.r.t. (W, b), by hand: Xᵀ(P − Y)/N and the column sums of (P −
+    Y)/N. Defined in chapter 1."""
     logits = X @ W + b
     dlogits = (logits.softmax(-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)) / len(y)
     return X.T @ dlogits, dlogits.sum(0)
@@ -192,9 +190,8 @@ def mlp_loss(X, y, W1, b1, W2, b2, activation: str = "relu"):
     return F.cross_entropy(mlp_forward(X, W1, b1, W2, b2, activation)[0], y)
 
 def mlp_backward(X, y, W1, b1, W2, b2, activation: str = "relu"):
-    """Backpropagation by hand: gradients of `mlp_loss` w.r.t.
-
-    (W1, b1, W2, b2), the chain rule from the loss backwards. Defined in chapter 1."""
+    """Backpropagation by hand: gradients of `mlp_loss` w.r.t. (W1, b1, W2, b2), the chain rule from the loss
+    backwards. Defined in chapter 1."""
     _, phi_prime = _activation(activation)
     Z, (H, A) = mlp_forward(X, W1, b1, W2, b2, activation)
     dZ = (Z.softmax(-1) - F.one_hot(y, Z.shape[-1]).to(Z.dtype)) / len(y)   # ∂L/∂Z
