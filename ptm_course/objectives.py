@@ -116,8 +116,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ValueError(f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has shape "
                          f"{tuple(teacher_logits.shape)}: both must score the same classes for the same examples.")
     if not temperature > 0: raise ValueError(f"temperature must be positive, got {temperature}.")
-    if not 0 <= alpha <= 1: raise ValueError(f"alpha is the weight of the distillation term and must lie in [0, 1], "
-                                             f"got {alpha}.")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha is the weight of the distillation term and must lie in [0, 1], got {alpha}.")
     n_classes = student_logits.shape[-1]
     student, teacher = (student_logits.reshape(-1, n_classes).float(),
                         teacher_logits.reshape(-1, n_classes).detach().float())
