@@ -219,8 +219,8 @@ def time_train_step(model: nn.Module, batch_size: int, side: int = 28, channels_
     model = model.to(device)
     x = torch.randn(batch_size, 1, side, side, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    if channels_last: model, x = model.to(memory_format=torch.channels_last), x.contiguous(
-        memory_format=torch.channels_last)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -241,8 +241,7 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
 
 def train_fast_mnist(x_train, y_train, x_test, y_test, *, seed: int = 0, epochs: float = 1, batch_size: int = 512,
                      lr: float = 0.02, label_smoothing: float = 0.1, channels: tuple[int, int] = (16, 32),
-                     hidden: int = 128,
-                     side: int = 24, device=None) -> tuple[nn.Module, float]:
+                     hidden: int = 128, side: int = 24, device=None) -> tuple[nn.Module, float]:
     """Our fast recipe: `FastCNN` on 24x24 crops, channels_last, batch 512, Adam + one-cycle, label smoothing;
     returns (model, test accuracy %)."""
     device = get_device(device)
@@ -353,8 +352,7 @@ def pretrain_autoencoder(x_unlabelled: torch.Tensor, *, code_dim: int = 32, epoc
     if eval_images is not None: eval_loader = DeviceLoader(eval_images, batch_size=1000, shuffle=False)
     eval_fn = (lambda m, l: {"clean_val_loss": float(np.mean([reconstruction_loss(m(b[0]), b[0]).item() for b in l]))})
     history = train(model, optimizer, loader, denoising_loss(corruption), epochs=None, max_steps=steps,
-                    scheduler=scheduler,
-                    eval_loader=eval_loader, eval_fn=eval_fn if eval_loader is not None else None,
+                    scheduler=scheduler, eval_loader=eval_loader, eval_fn=eval_fn if eval_loader is not None else None,
                     eval_every=len(loader) if eval_loader is not None else None, device=device, desc=desc)
     return model, history
 
@@ -387,9 +385,9 @@ def balanced_subset(y: torch.Tensor, n: int, seed: int = 0, n_classes: int = 10)
     return torch.cat(picks).to(y.device)
 
 def finetune(model: EncoderClassifier, x_labelled, y_labelled, x_test, y_test, *, probe_steps: int = 200,
-             probe_lr: float = 1e-2,
-             lr: float = 3e-4, min_steps: int = 300, min_epochs: float = 2, batch_size: int = 128, evaluations: int = 5,
-             augment=None, seed: int = 0, device=None, desc: str = "fine-tune") -> History:
+             probe_lr: float = 1e-2, lr: float = 3e-4, min_steps: int = 300, min_epochs: float = 2,
+             batch_size: int = 128, evaluations: int = 5, augment=None, seed: int = 0, device=None,
+             desc: str = "fine-tune") -> History:
     """Linear probe, then fine-tune: train the head alone for `probe_steps`, then every weight (AdamW,
     one-cycle) with `train()`."""
     device = get_device(device)
@@ -413,9 +411,8 @@ def finetune(model: EncoderClassifier, x_labelled, y_labelled, x_test, y_test, *
     steps = max(min_steps, math.ceil(min_epochs*len(loader)))  # 2. fine-tuning: every weight learns
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     tuned = train(model, optimizer, loader, loss_fn, epochs=None, max_steps=steps,
-                  scheduler=one_cycle(optimizer, lr, steps, pct_start=0.1),
-                  eval_loader=test_loader, eval_fn=evaluate_classifier, eval_every=max(1, steps//evaluations),
-                  device=device, desc=desc)
+                  scheduler=one_cycle(optimizer, lr, steps, pct_start=0.1), eval_loader=test_loader,
+                  eval_fn=evaluate_classifier, eval_every=max(1, steps//evaluations), device=device, desc=desc)
     offset = len(rows)
     return History(rows + [dict(r, step=r["step"] + offset, phase="fine-tune") for r in tuned.rows])
 
