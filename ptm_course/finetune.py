@@ -89,8 +89,9 @@ class MeanPooledBertForSequenceClassification(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 **kwargs) -> SequenceClassifierOutput:
-        if input_ids is None: raise ValueError("input_ids is required: pass what the tokenizer returns, e.g. "
-                                               "model(**tokenizer(texts, return_tensors='pt')).")
+        if input_ids is None:
+            raise ValueError("input_ids is required: pass what the tokenizer returns, e.g. model(**tokenizer(texts, "
+                             "return_tensors='pt')).")
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -136,8 +137,8 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
         bert = kind in ("bert", MeanPooledBertConfig.model_type)
         pooling = pooling or HEADS.get(start, "mean" if bert else "cls")
         if pooling == "cls":
-            if start == "small_scratch": return BertForSequenceClassification(
-                BertConfig.from_pretrained(path, **labels))
+            if start == "small_scratch":
+                return BertForSequenceClassification(BertConfig.from_pretrained(path, **labels))
             return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local, **labels)
         if not bert:
             raise ValueError(f"{start} is a {kind!r} model; the mean-pooled head is built on BERT. "
@@ -151,8 +152,9 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
 # %% ../nbs/06_bert_finetuning.ipynb #66523e6b
 FINAL_FIT = ("train", "validation")  # once a recipe is chosen on validation, the final model trains on both
 RECIPES = {"minilm": dict(lr=1e-4, epochs=2, train_on=FINAL_FIT),
-           "small_pretrained": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT),
-           "small_scratch": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT)}
+           "small_pretrained":
+               dict(lr=3e-4, epochs=3, train_on=FINAL_FIT),
+               "small_scratch": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT)}
 
 def course_recipe(start: str) -> dict:
     "`RECIPES[start]`, cut to one epoch in fast mode (like `course_splits`)."
@@ -185,8 +187,8 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
     cross-entropy (chapter 7 distils with it). Defined in chapter 6."""
     from transformers import get_linear_schedule_with_warmup
     missing = {"train", "validation", "test"} - set(splits)
-    if missing: raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing "
-                                 f"{sorted(missing)}.")
+    if missing:
+        raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing {sorted(missing)}.")
     train_on = (train_on,) if isinstance(train_on, str) else tuple(train_on)
     if "train" not in train_on or not set(train_on) <= {"train", "validation"}:
         raise ValueError(f"train_on must name 'train' and optionally 'validation' (never 'test'), got {train_on}.")
@@ -207,15 +209,14 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
     tokens = sum(len(e["input_ids"]) for e in fit)*epochs
     start = time.perf_counter()
     history = train(model, optimizer, train_loader, loss_fn or (lambda m, b: m(**b).loss), epochs=epochs,
-                    scheduler=scheduler, grad_clip=1.0,
-                    device=device, mixed_precision=mixed_precision, desc=desc, **evaluation)
+                    scheduler=scheduler, grad_clip=1.0, device=device, mixed_precision=mixed_precision, desc=desc,
+                    **evaluation)
     seconds = time.perf_counter() - start
     test = evaluate_reviews(model, review_loader(encoded["test"], tokenizer, 128, shuffle=False))
     results = dict(test_accuracy=test["accuracy"], test_loss=test["val_loss"],
-                   valid_accuracy=history.last("accuracy", None),
-                   seconds=seconds, tokens_per_s=tokens/seconds, parameters=count_parameters(model), steps=steps,
-                   epochs=epochs, lr=lr, seed=seed, trained_on=list(train_on), train_reviews=len(fit),
-                   device=str(next(model.parameters()).device),
+                   valid_accuracy=history.last("accuracy", None), seconds=seconds, tokens_per_s=tokens/seconds,
+                   parameters=count_parameters(model), steps=steps, epochs=epochs, lr=lr, seed=seed,
+                   trained_on=list(train_on), train_reviews=len(fit), device=str(next(model.parameters()).device),
                    precision=resolve_mixed_precision(mixed_precision, process_device(device)))
     if output_dir is not None: save_classifier(model, tokenizer, output_dir, results)
     return history, results
@@ -229,8 +230,7 @@ def save_classifier(model, tokenizer, output_dir, results: dict | None = None) -
 
 # %% ../nbs/06_bert_finetuning.ipynb #dbdd9cf6
 def compare_starts(splits: dict[str, list[Review]], starts=("minilm", "small_pretrained", "small_scratch"),
-                   seeds=(0, 1, 2),
-                   tokenizer=None, device=None, keep: dict | None = None, recipes: dict | None = None,
+                   seeds=(0, 1, 2), tokenizer=None, device=None, keep: dict | None = None, recipes: dict | None = None,
                    **kwargs) -> dict:
     """Fine-tune each start with each seed (`course_recipe` per start, updated by `recipes`); returns {(start,
     seed): (history, results)}; `keep={start: folder}` saves seed `seeds[0]`."""
@@ -242,8 +242,7 @@ def compare_starts(splits: dict[str, list[Review]], starts=("minilm", "small_pre
             model = classifier_from(start, seed=seed)
             folder = (keep or {}).get(start) if seed == seeds[0] else None
             out[(start, seed)] = finetune_classifier(model, tokenizer, splits, seed=seed, device=device,
-                                                     output_dir=folder,
-                                                     desc=f"{start} seed {seed}",
+                                                     output_dir=folder, desc=f"{start} seed {seed}",
                                                      **{**recipes.get(start, {}), **kwargs})
     return out
 
@@ -254,10 +253,9 @@ def comparison_table(results: dict, names: dict | None = None) -> list[dict]:
         rs = [r for (s, _), (_, r) in results.items() if s == start]
         acc = np.array([r["test_accuracy"] for r in rs])
         rows.append(dict(start=start, name=(names or {}).get(start, start), accuracy=acc.mean(),
-                         std=acc.std(ddof=1) if len(acc) > 1 else 0.0,
-                         seeds=len(rs), seconds=np.mean([r["seconds"] for r in rs]),
-                         tokens_per_s=np.mean([r["tokens_per_s"] for r in rs]),
-                         parameters=rs[0]["parameters"]))
+                         std=acc.std(ddof=1) if len(acc) > 1 else 0.0, seeds=len(rs),
+                         seconds=np.mean([r["seconds"] for r in rs]),
+                         tokens_per_s=np.mean([r["tokens_per_s"] for r in rs]), parameters=rs[0]["parameters"]))
     return rows
 
 def format_comparison(rows: list[dict]) -> str:
