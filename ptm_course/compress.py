@@ -49,8 +49,8 @@ def _per(t: torch.Tensor, x: torch.Tensor, dim: int | None) -> torch.Tensor:
     "`t` (one value per channel along `dim`) shaped to broadcast against `x`."
     return t if dim is None else t.reshape([-1 if d == dim % x.ndim else 1 for d in range(x.ndim)])
 
-def qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> tuple[
-    torch.Tensor, torch.Tensor]:
+def qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
+            dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map `x`'s range (widened to contain 0) onto `bits`-bit integers: one pair, or
     one per channel along `dim`."""
     if not torch.is_floating_point(x): raise TypeError(f"qparams needs a float tensor, got {x.dtype}.")
@@ -75,14 +75,14 @@ def quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, symmetric: bool 
              dim: int | None = None) -> torch.Tensor:
     "The integer codes of `x` (int32): round(x/scale) + zero_point, clamped to the `bits`-bit range."
     qmin, qmax = quant_range(bits, symmetric)
-    scale, zero_point = torch.as_tensor(scale, dtype=torch.float32, device=x.device), torch.as_tensor(
-        zero_point, device=x.device)
+    scale, zero_point = (torch.as_tensor(scale, dtype=torch.float32, device=x.device),
+                         torch.as_tensor(zero_point, device=x.device))
     return (torch.round(x.float()/_per(scale, x, dim)) + _per(zero_point, x, dim)).clamp(qmin, qmax).to(torch.int32)
 
 def dequantize(q: torch.Tensor, scale, zero_point, dim: int | None = None) -> torch.Tensor:
     "The floats the codes `q` stand for: scale·(q − zero_point)."
-    scale, zero_point = torch.as_tensor(scale, dtype=torch.float32, device=q.device), torch.as_tensor(
-        zero_point, device=q.device)
+    scale, zero_point = (torch.as_tensor(scale, dtype=torch.float32, device=q.device),
+                         torch.as_tensor(zero_point, device=q.device))
     return (q.float() - _per(zero_point, q, dim))*_per(scale, q, dim)
 
 def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> torch.Tensor:
@@ -128,9 +128,8 @@ def quantize_weights(model: nn.Module, bits: int = 8, per_channel: bool = True, 
 # %% ../nbs/07_compression.ipynb #811f5955
 def export_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], path, dynamic_axes: dict[str, dict[int, str]],
                 output_name: str = "logits", input_names: list[str] | None = None) -> Path:
-    """Export `model(**inputs)` to ONNX at `path` with named dynamic axes (e.g.
-
-    {'input_ids': {0: 'batch', 1: 'sequence'}}), inputs renamed to `input_names` if given."""
+    """Export `model(**inputs)` to ONNX at `path` with named dynamic axes (e.g. {'input_ids': {0: 'batch', 1:
+    'sequence'}}), inputs renamed to `input_names` if given."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     for f in onnx_files(path): f.unlink()
     for name, t in inputs.items():
@@ -139,8 +138,8 @@ def export_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], path, dynamic
                 raise ValueError(f"Example input {name!r} has size {t.shape[axis]} on dynamic axis {axis}: use an "
                                  f"example of size 2 or more.")
     dims: dict[str, torch.export.Dim] = {}
-    shapes = {name: {
-        axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in (dynamic_axes.get(name) or {}).items()}
+    shapes = {name: {axis: dims.setdefault(label, torch.export.Dim(label))
+                     for axis, label in (dynamic_axes.get(name) or {}).items()}
               for name in inputs}
     model = model.to("cpu").eval()
     inputs = {k: v.to("cpu") for k, v in inputs.items()}
@@ -148,8 +147,8 @@ def export_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], path, dynamic
         # the exporter's note that shared axis names are merged
         warnings.filterwarnings("ignore", message=".*axis name.*")
         torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=input_names or list(inputs),
-                          output_names=[output_name],
-                          dynamic_shapes=shapes, dynamo=True, verbose=False, external_data=False)
+                          output_names=[output_name], dynamic_shapes=shapes, dynamo=True, verbose=False,
+                          external_data=False)
     return path
 
 def onnx_files(path) -> list[Path]:
@@ -167,8 +166,8 @@ def ort_session(path, threads: int | None = None):
     """An ONNX Runtime CPU session for the model at `path`, with `threads` intra-op threads (default: torch's
     CPU threads)."""
     import onnxruntime as ort
-    if not Path(path).exists(): raise FileNotFoundError(
-        f"No ONNX model at {path}: export one first with `export_onnx`.")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"No ONNX model at {path}: export one first with `export_onnx`.")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -212,8 +211,9 @@ def quantize_embeddings_per_row(src, dst, min_rows: int = 1000) -> Path:
                                  helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out])]):
             graph.node.insert(at + k, new)
         changed += 1
-    if not changed: raise ValueError(f"{src} has no float32 embedding table (a Gather on an initializer with ≥ "
-                                     f"{min_rows} rows) to quantize.")
+    if not changed:
+        raise ValueError(f"{src} has no float32 embedding table (a Gather on an initializer with ≥ {min_rows} rows) "
+                         f"to quantize.")
     dst = Path(dst)
     for f in onnx_files(dst): f.unlink()
     onnx.save(model, str(dst))
@@ -334,8 +334,7 @@ def minilm_reviews_dir(device=None) -> Path:
     splits = course_splits()
     recipe = course_recipe("minilm")
     finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), splits, seed=0, device=device,
-                        output_dir=folder,
-                        desc="fine-tune MiniLM (chapter 6)", **recipe)
+                        output_dir=folder, desc="fine-tune MiniLM (chapter 6)", **recipe)
     return folder
 
 def review_batches(texts: list[str], tokenizer, batch_size: int = 64,
@@ -420,8 +419,7 @@ def remove_pruning(model: nn.Module) -> nn.Module:
 
 # %% ../nbs/07_compression.ipynb #74d201ae
 def iterative_pruning(model: nn.Module, x_train, y_train, x_test, y_test, schedule=(0.5, 0.75, 0.9), *,
-                      epochs_per_step: float = 1,
-                      lr: float = 1e-3, scope: str = "global", seed: int = 0,
+                      epochs_per_step: float = 1, lr: float = 1e-3, scope: str = "global", seed: int = 0,
                       device=None) -> tuple[nn.Module, list[dict]]:
     """Prune to each sparsity of `schedule` in turn, retraining `epochs_per_step` after each; returns (pruned
     model, one row per step)."""
@@ -431,8 +429,7 @@ def iterative_pruning(model: nn.Module, x_train, y_train, x_test, y_test, schedu
         prune_by_magnitude(model, target, scope)
         before = evaluate_accuracy(model, x_test, y_test)
         train_mnist_cnn(model, x_train, y_train, x_test, y_test, epochs=epochs_per_step, lr=lr, seed=seed + i,
-                        device=device,
-                        desc=f"retrain at {target:.0%}")
+                        device=device, desc=f"retrain at {target:.0%}")
         rows.append(dict(sparsity=sparsity(model), accuracy_pruned=before,
                          accuracy_retrained=evaluate_accuracy(model, x_test, y_test)))
     return remove_pruning(model.to(memory_format=torch.contiguous_format)), rows
@@ -509,8 +506,7 @@ def prune_channels(model: MnistCNN, keep: float = 0.5, keep_hidden: float | None
     return slim
 
 def cached_slim_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, keep: float = 0.5, epochs: float = 1,
-                    lr: float = 1e-3,
-                    device=None) -> tuple[SlimCNN, float]:
+                    lr: float = 1e-3, device=None) -> tuple[SlimCNN, float]:
     "`prune_channels(cnn, keep)` retrained for `epochs` (cached); returns (model, accuracy before retraining)."
     from safetensors.torch import load_file, save_file
     path = cache_dir("compress")/f"mnist_cnn_slim_{keep:g}_{epochs:g}_{len(x_train)}.safetensors"
@@ -535,9 +531,8 @@ def mlp_student(hidden: int = 800) -> nn.Module:
                          nn.Linear(hidden, 10))
 
 def distill_mnist(student: nn.Module, teacher: nn.Module | None, x_train, y_train, *, temperature: float = 4.0,
-                  alpha: float = 0.9,
-                  augment=None, epochs: float = 5, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                  device=None) -> nn.Module:
+                  alpha: float = 0.9, augment=None, epochs: float = 5, batch_size: int = 128, lr: float = 3e-3,
+                  seed: int = 0, device=None) -> nn.Module:
     """Train `student` on MNIST with `distillation_loss` against `teacher`'s logits on the same (augmented)
     batch; `teacher=None` or `alpha=0` trains it alone on the labels."""
     device = get_device(device)
@@ -557,20 +552,19 @@ def distill_mnist(student: nn.Module, teacher: nn.Module | None, x_train, y_trai
         with torch.no_grad(): target = teacher(x)  # the teacher sees exactly the image the student sees
         return distillation_loss(logits, target, y, temperature=temperature, alpha=alpha)
     train(student, optimizer, loader, loss_fn, max_steps=steps, scheduler=one_cycle(optimizer, lr, steps),
-          device=device,
-          desc="student, taught" if taught else "student, alone")
+          device=device, desc="student, taught" if taught else "student, alone")
     return student.eval()
 
 def gap_recovered(student_alone: float, student_taught: float, teacher: float) -> float:
     """The fraction of the student-alone vs. teacher accuracy gap that distillation closed (1: taught student as
     good as the teacher)."""
     if teacher <= student_alone:
-        raise ValueError(f"No gap to recover: the student alone ({student_alone:.2f}) is "
-                         f"not below the teacher ({teacher:.2f}).")
+        raise ValueError(f"No gap to recover: the student alone ({student_alone:.2f}) is not below the teacher "
+                         f"({teacher:.2f}).")
     return (student_taught - student_alone)/(teacher - student_alone)
 
-def mnist_students(teacher: nn.Module, x_train, y_train, seeds=(0, 1, 2), device=None) -> dict[
-    tuple[str, int], nn.Module]:
+def mnist_students(teacher: nn.Module, x_train, y_train, seeds=(0, 1, 2),
+                   device=None) -> dict[tuple[str, int], nn.Module]:
     """The MLP student trained alone and taught by `teacher` with `MNIST_KD`, for each seed (cached):
     {('alone'|'taught', seed): model}."""
     from safetensors.torch import load_file, save_file
@@ -631,8 +625,7 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
                 teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, local_files_only=True)
                 loss = distillation_step(teacher, temperature, alpha)
             finetune_classifier(classifier_from("small_pretrained", seed=seed), load_tokenizer(), splits, seed=seed,
-                                device=device,
-                                loss_fn=loss, output_dir=folder, desc=f"small BERT, {name}", **recipe)
+                                device=device, loss_fn=loss, output_dir=folder, desc=f"small BERT, {name}", **recipe)
         out[name] = (folder, json.loads((folder/"finetuning.json").read_text()))
     return out
 
