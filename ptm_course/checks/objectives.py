@@ -548,8 +548,8 @@ def check_distillation_loss(fn, seed: int = 0):
         _expect_unchanged(before, {"student_logits": leaf.detach(), "teacher_logits": t, "labels": y})
         g = torch.autograd.grad(out, leaf, allow_unused=True)[0]
         grads.append((torch.zeros(b, c) if g is None else g,  # the closed-form gradient next to the learner's
-                      (alpha * T * (F.softmax(s / T, -1) - F.softmax(t / T, -1)) + (1 - alpha) * (
-                          F.softmax(s, -1) - F.one_hot(y, c))) / b))
+                      (alpha * T * (F.softmax(s / T, -1) - F.softmax(t / T, -1))
+                       + (1 - alpha) * (F.softmax(s, -1) - F.one_hot(y, c))) / b))
         got.append(out.detach()); want.append(_distillation(s, t, y, T, alpha))
         variants.append({h: _distillation(s, t, y, T, alpha, **kw) for h, kw in _DISTILLATION_MISTAKES.items()})
     where = lambda i: "batch {}, {} classes, T={}, alpha={}".format(*cases[i])
