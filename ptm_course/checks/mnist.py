@@ -39,8 +39,8 @@ def _formula_shape(layers, shape, ceil=False, padding=True, dilation=True, strid
     for layer in layers:
         if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             c, h, w = shape
-            k, s, p, d = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding), _pair(
-                getattr(layer, "dilation", 1))
+            k, s, p, d = (_pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding),
+                          _pair(getattr(layer, "dilation", 1)))
             if not stride or (not pool_stride and not isinstance(layer, nn.Conv2d)): s = (1, 1)
             if not padding: p = (0, 0)
             if not dilation: d = (1, 1)
@@ -65,15 +65,15 @@ def _shape_cases() -> list[tuple[str, list, tuple]]:
     "(description, layers, input shape) for every case; the layers are built with a fixed seed."
     def build():
         seed_cnn = [nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2),
-                    nn.Dropout(0.25),
-                    nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10)]
+                    nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5),
+                    nn.Linear(128, 10)]
         return [
             ("the seed's CNN up to its pooling", seed_cnn[:5], (1, 28, 28)),
             ("the seed's CNN up to Flatten", seed_cnn[:7], (1, 28, 28)),
             ("the seed's whole CNN", seed_cnn, (1, 28, 28)),
             ("stride 2 with padding 2, 3x3 pooling with stride 2, a 3x5 kernel",
-             [nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(),
-             nn.MaxPool2d(3, stride=2), nn.Conv2d(8, 16, (3, 5), padding=(1, 0)), nn.AvgPool2d(2)], (3, 33, 47)),
+             [nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool2d(3, stride=2),
+              nn.Conv2d(8, 16, (3, 5), padding=(1, 0)), nn.AvgPool2d(2)], (3, 33, 47)),
             ("dilation 2, padded pooling, stride 3, then Flatten", [nn.Conv2d(1, 4, 3, dilation=2), nn.BatchNorm2d(4),
              nn.MaxPool2d(2, padding=1), nn.Conv2d(4, 6, 4, stride=3, padding=1), nn.Flatten()], (1, 29, 30)),
             ("a 2x3 pooling window, a (1, 2) stride",
