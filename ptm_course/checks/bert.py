@@ -15,8 +15,7 @@ import torch
 from .mnist import _seeded
 from .objectives import (
     _call, _check_masking, _collator_stats, _compare, _expect_unchanged, _generator, _mlm_hint, _names,
-    _quiet_transformers,
-    _single_threaded, _tokenizer, _z)
+    _quiet_transformers, _single_threaded, _tokenizer, _z)
 from ..exercises import Fail, checker, expect_number, expect_tensor, relative_error
 
 # %% auto #0
