@@ -208,10 +208,9 @@ def check_quantize(fn, seed: int = 0):
         got.append(r["q"].long()[keep]); want.append(codes[keep])
         variants.append({h: v[keep].long() for h, v in _code_variants(x, bits).items()})
     _expect_entries(got, want, variants, "q",
-                    "q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1), as an integer tensor", where,
                     # a mistake's codes computed in float64 may differ from the learner's at values close to an
                     # integer
-                    slack=0.01)
+                    "q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1), as an integer tensor", where, slack=0.01)
     # last, the tensor of zeros: any positive scale, every code the zero point
     for case, (text, x, bits) in enumerate(cases, 1):
         if x.abs().max() > 0: continue
