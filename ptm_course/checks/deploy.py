@@ -206,8 +206,9 @@ def _expect_accepted(fn, case: dict) -> None:
                    "the reference is the model's own output: compare model(inputs), in eval mode, with ONNX "
                    "Runtime's output")
     value = expect_number(run["value"], f"{where}: your result")
-    if value < 0: raise Fail(f"{where}: your function returned {value:.2e}, a negative difference",
-                             "take absolute values: np.abs(a - b).max()")
+    if value < 0:
+        raise Fail(f"{where}: your function returned {value:.2e}, a negative difference",
+                   "take absolute values: np.abs(a - b).max()")
     if value > 1e-4:
         raise Fail(f"{where}: your function returned {value:.2e} for a right export (ONNX Runtime and the model in "
                    f"eval mode agree to {diff:.1e}), more than atol=1e-4, without "
@@ -366,17 +367,14 @@ def _latency_cases(seed: int) -> list[dict]:
                                                          np.concatenate([warm(warmup), timed(runs, low, high, slow)]))
     return [  # (what, keyword arguments, runs, warmup, sync given, (busy ms, queued ms) per call)
         dict(what="case 1 (a CPU model, measure_latency(fn) with the defaults runs=100, warmup=10)", kwargs={},
-             runs=100, warmup=10, sync=False,
-             ms=cpu(100, 10, 6)),
+             runs=100, warmup=10, sync=False, ms=cpu(100, 10, 6)),
         dict(what="case 2 (a GPU-like model whose calls return at once and leave their work queued: runs=37, warmup=3 "
                   "and sync)",
              kwargs=dict(runs=37, warmup=3), runs=37, warmup=3, sync=True, ms=gpu(37, 3, 3)),
         dict(what="case 3 (a CPU model, runs=12, warmup=0, sync=None)", kwargs=dict(runs=12, warmup=0, sync=None),
-             runs=12, warmup=0,
-             sync=False, ms=cpu(12, 0, 1, 1.0, 4.0)),
+             runs=12, warmup=0, sync=False, ms=cpu(12, 0, 1, 1.0, 4.0)),
         dict(what="case 4 (a GPU-like model, runs=8, warmup=5 and sync)", kwargs=dict(runs=8, warmup=5), runs=8,
-             warmup=5, sync=True,
-             ms=gpu(8, 5, 1, 1.0, 2.0)),
+             warmup=5, sync=True, ms=gpu(8, 5, 1, 1.0, 2.0)),
     ]
 
 _KEYS = ("p50", "p90", "p99")
@@ -556,8 +554,7 @@ _REQUEST_CASES = [
     ("a cut-off body of 90 bytes, max_bytes=64", _JSON, b'{"text": "' + b"y" * 80, dict(max_bytes=64),
      {400: _SIZE_FIRST}),
     ("30 characters 'é' in a 72-byte body of 42 characters, max_bytes=64", _JSON, _json({"text": "é" * 30}),
-     dict(max_bytes=64),
-     {200: "max_bytes limits len(body), the bytes received, not the characters after decoding"}),
+     dict(max_bytes=64), {200: "max_bytes limits len(body), the bytes received, not the characters after decoding"}),
     ("content type 'text/plain' and a body over max_bytes=64", "text/plain", b"z" * 100, dict(max_bytes=64),
      {413: "check the rules in their order: the content type first (415), then the size (413)"}),
     ("a body in Latin-1, not UTF-8", _JSON, '{"text": "Café crème"}'.encode("latin-1"), {},
