@@ -24,7 +24,8 @@ from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
 from .data import DeviceLoader, mnist_tensors
 from .objectives import distillation_loss
 from .train import train
-from .vision import MnistCNN, classification_loss, count_parameters, evaluate_accuracy, one_cycle, predict, train_mnist_cnn
+from .vision import (MnistCNN, classification_loss, count_parameters, evaluate_accuracy, one_cycle, predict,
+                              train_mnist_cnn)
 
 # %% auto #0
 __all__ = ['EMBEDDINGS', 'MNIST_KD', 'quant_range', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'quantization_error',
@@ -48,8 +49,10 @@ def _per(t: torch.Tensor, x: torch.Tensor, dim: int | None) -> torch.Tensor:
     "`t` (one value per channel along `dim`) shaped to broadcast against `x`."
     return t if dim is None else t.reshape([-1 if d == dim % x.ndim else 1 for d in range(x.ndim)])
 
-def qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Scale and zero point that map `x`'s range (widened to contain 0) onto `bits`-bit integers: one pair, or one per channel along `dim`."
+def qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
+            dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map `x`'s range (widened to contain 0) onto `bits`-bit integers: one pair, or
+    one per channel along `dim`."""
     if not torch.is_floating_point(x): raise TypeError(f"qparams needs a float tensor, got {x.dtype}.")
     if x.numel() == 0: raise ValueError("Cannot quantize an empty tensor: its range is undefined.")
     qmin, qmax = quant_range(bits, symmetric)
@@ -64,18 +67,22 @@ def qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | 
     else:
         scale = (hi - lo)/(qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero tensor: any scale is exact
-    zero_point = torch.zeros_like(scale, dtype=torch.int64) if symmetric else (qmin - torch.round(lo/scale)).clamp(qmin, qmax).long()
+    zero_point = (torch.zeros_like(scale, dtype=torch.int64) if symmetric
+                  else (qmin - torch.round(lo/scale)).clamp(qmin, qmax).long())
     return scale, zero_point
 
-def quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, symmetric: bool = False,
+             dim: int | None = None) -> torch.Tensor:
     "The integer codes of `x` (int32): round(x/scale) + zero_point, clamped to the `bits`-bit range."
     qmin, qmax = quant_range(bits, symmetric)
-    scale, zero_point = torch.as_tensor(scale, dtype=torch.float32, device=x.device), torch.as_tensor(zero_point, device=x.device)
+    scale, zero_point = (torch.as_tensor(scale, dtype=torch.float32, device=x.device),
+                         torch.as_tensor(zero_point, device=x.device))
     return (torch.round(x.float()/_per(scale, x, dim)) + _per(zero_point, x, dim)).clamp(qmin, qmax).to(torch.int32)
 
 def dequantize(q: torch.Tensor, scale, zero_point, dim: int | None = None) -> torch.Tensor:
     "The floats the codes `q` stand for: scale·(q − zero_point)."
-    scale, zero_point = torch.as_tensor(scale, dtype=torch.float32, device=q.device), torch.as_tensor(zero_point, device=q.device)
+    scale, zero_point = (torch.as_tensor(scale, dtype=torch.float32, device=q.device),
+                         torch.as_tensor(zero_point, device=q.device))
     return (q.float() - _per(zero_point, q, dim))*_per(scale, q, dim)
 
 def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> torch.Tensor:
@@ -85,11 +92,14 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: 
 
 def quantization_error(x: torch.Tensor, bits: int = 8, symmetric: bool = False, dim: int | None = None) -> float:
     "Relative error ‖x − x̂‖/‖x‖ of `bits`-bit fake quantization."
-    return (torch.linalg.vector_norm(x.float() - fake_quantize(x, bits, symmetric, dim).float())/torch.linalg.vector_norm(x.float())).item()
+    return (torch.linalg.vector_norm(x.float() - fake_quantize(x, bits, symmetric, dim).float())
+            /torch.linalg.vector_norm(x.float())).item()
 
 # %% ../nbs/07_compression.ipynb #5bbe20d2
-def mnist_teacher(x_train, y_train, x_test, y_test, *, epochs: float | None = None, seed: int = 0, device=None) -> nn.Module:
-    "Chapter 4's CNN trained with its recipe (2 epochs in full mode), loaded from the course cache when it was trained before."
+def mnist_teacher(x_train, y_train, x_test, y_test, *, epochs: float | None = None, seed: int = 0,
+                  device=None) -> nn.Module:
+    """Chapter 4's CNN trained with its recipe (2 epochs in full mode), loaded from the course cache when it was
+    trained before."""
     from safetensors.torch import load_file, save_file
     device = get_device(device)
     epochs = epochs if epochs is not None else fast_or_full(0.5, 2)
@@ -98,14 +108,16 @@ def mnist_teacher(x_train, y_train, x_test, y_test, *, epochs: float | None = No
     if path.exists():
         model.load_state_dict(load_file(path))
         return model.to(device).eval()
-    train_mnist_cnn(model, x_train, y_train, x_test, y_test, epochs=epochs, seed=seed, device=device, desc="CNN (fp32 baseline)")
+    train_mnist_cnn(model, x_train, y_train, x_test, y_test, epochs=epochs, seed=seed, device=device,
+                    desc="CNN (fp32 baseline)")
     model = model.to(memory_format=torch.contiguous_format).cpu()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model.to(device).eval()
 
 # %% ../nbs/07_compression.ipynb #51e253e0
 def quantize_weights(model: nn.Module, bits: int = 8, per_channel: bool = True, symmetric: bool = True) -> nn.Module:
-    "A copy of `model` whose Conv/Linear weights are rounded to `bits` bits (fake quantization; per output channel by default)."
+    """A copy of `model` whose Conv/Linear weights are rounded to `bits` bits (fake quantization; per output
+    channel by default)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for m in model.modules():
@@ -116,22 +128,27 @@ def quantize_weights(model: nn.Module, bits: int = 8, per_channel: bool = True, 
 # %% ../nbs/07_compression.ipynb #811f5955
 def export_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], path, dynamic_axes: dict[str, dict[int, str]],
                 output_name: str = "logits", input_names: list[str] | None = None) -> Path:
-    "Export `model(**inputs)` to ONNX at `path` with named dynamic axes (e.g. {'input_ids': {0: 'batch', 1: 'sequence'}}), inputs renamed to `input_names` if given."
+    """Export `model(**inputs)` to ONNX at `path` with named dynamic axes (e.g. {'input_ids': {0: 'batch', 1:
+    'sequence'}}), inputs renamed to `input_names` if given."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     for f in onnx_files(path): f.unlink()
     for name, t in inputs.items():
         for axis in (dynamic_axes.get(name) or {}):
             if t.shape[axis] < 2:  # torch.export specializes a size-1 axis to a constant
-                raise ValueError(f"Example input {name!r} has size {t.shape[axis]} on dynamic axis {axis}: use an example of size 2 or more.")
+                raise ValueError(f"Example input {name!r} has size {t.shape[axis]} on dynamic axis {axis}: use an "
+                                 f"example of size 2 or more.")
     dims: dict[str, torch.export.Dim] = {}
-    shapes = {name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in (dynamic_axes.get(name) or {}).items()}
+    shapes = {name: {axis: dims.setdefault(label, torch.export.Dim(label))
+                     for axis, label in (dynamic_axes.get(name) or {}).items()}
               for name in inputs}
     model = model.to("cpu").eval()
     inputs = {k: v.to("cpu") for k, v in inputs.items()}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*")  # the exporter's note that shared axis names are merged
-        torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=input_names or list(inputs), output_names=[output_name],
-                          dynamic_shapes=shapes, dynamo=True, verbose=False, external_data=False)
+        # the exporter's note that shared axis names are merged
+        warnings.filterwarnings("ignore", message=".*axis name.*")
+        torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=input_names or list(inputs),
+                          output_names=[output_name], dynamic_shapes=shapes, dynamo=True, verbose=False,
+                          external_data=False)
     return path
 
 def onnx_files(path) -> list[Path]:
@@ -146,9 +163,11 @@ def file_size_mb(path) -> float:
     return sum(f.stat().st_size for f in files)/1e6
 
 def ort_session(path, threads: int | None = None):
-    "An ONNX Runtime CPU session for the model at `path`, with `threads` intra-op threads (default: torch's CPU threads)."
+    """An ONNX Runtime CPU session for the model at `path`, with `threads` intra-op threads (default: torch's
+    CPU threads)."""
     import onnxruntime as ort
-    if not Path(path).exists(): raise FileNotFoundError(f"No ONNX model at {path}: export one first with `export_onnx`.")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"No ONNX model at {path}: export one first with `export_onnx`.")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -156,7 +175,8 @@ def ort_session(path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 class _QuietRootLogger:
-    "ONNX Runtime's quantizer logs a generic 'consider pre-processing' warning on the root logger at every call; hide it."
+    """ONNX Runtime's quantizer logs a generic 'consider pre-processing' warning on the root logger at every
+    call; hide it."""
     def __enter__(self):
         import logging
         self.logger, self.level = logging.getLogger(), logging.getLogger().level
@@ -164,7 +184,8 @@ class _QuietRootLogger:
     def __exit__(self, *exc): self.logger.setLevel(self.level)
 
 def quantize_embeddings_per_row(src, dst, min_rows: int = 1000) -> Path:
-    "Store every embedding table of the ONNX model `src` with ≥ `min_rows` rows as int8 with one scale per row (symmetric), looked up as Gather(int8) → Cast → × Gather(scales); write `dst`."
+    """Store every embedding table of the ONNX model `src` with ≥ `min_rows` rows as int8 with one scale per row
+    (symmetric), looked up as Gather(int8) → Cast → × Gather(scales); write `dst`."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     model = onnx.load(str(src))
@@ -180,7 +201,8 @@ def quantize_embeddings_per_row(src, dst, min_rows: int = 1000) -> Path:
         codes = np.clip(np.round(table/scale), -127, 127).astype(np.int8)
         name, ids, out = node.input[0], node.input[1], node.output[0]
         graph.initializer.remove(weights[name])
-        graph.initializer.extend([numpy_helper.from_array(codes, f"{name}_int8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{name}_int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
         at = list(graph.node).index(node)
         graph.node.remove(node)
         for k, new in enumerate([helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_codes"], axis=0),
@@ -189,7 +211,9 @@ def quantize_embeddings_per_row(src, dst, min_rows: int = 1000) -> Path:
                                  helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out])]):
             graph.node.insert(at + k, new)
         changed += 1
-    if not changed: raise ValueError(f"{src} has no float32 embedding table (a Gather on an initializer with ≥ {min_rows} rows) to quantize.")
+    if not changed:
+        raise ValueError(f"{src} has no float32 embedding table (a Gather on an initializer with ≥ {min_rows} rows) "
+                         f"to quantize.")
     dst = Path(dst)
     for f in onnx_files(dst): f.unlink()
     onnx.save(model, str(dst))
@@ -198,7 +222,9 @@ def quantize_embeddings_per_row(src, dst, min_rows: int = 1000) -> Path:
 EMBEDDINGS = ("per_row", "per_tensor", "fp32")
 
 def quantize_onnx_dynamic(src, dst, embeddings: str = "per_row") -> Path:
-    "int8 MatMul/Gemm weights, one scale per output channel, activations quantized at run time (ONNX Runtime's dynamic quantization); embedding tables int8 with a scale per row (`quantize_embeddings_per_row`), per tensor (ONNX Runtime's Gather), or kept in float ('fp32')."
+    """int8 MatMul/Gemm weights, one scale per output channel, activations quantized at run time (ONNX Runtime's
+    dynamic quantization); embedding tables int8 with a scale per row (`quantize_embeddings_per_row`), per
+    tensor (ONNX Runtime's Gather), or kept in float ('fp32')."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     if embeddings not in EMBEDDINGS: raise ValueError(f"embeddings must be one of {EMBEDDINGS}, got {embeddings!r}.")
     dst = Path(dst)
@@ -207,14 +233,16 @@ def quantize_onnx_dynamic(src, dst, embeddings: str = "per_row") -> Path:
     try:
         with _QuietRootLogger():
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"] + (["Gather"] if embeddings == "per_tensor" else []))
+                             op_types_to_quantize=["MatMul", "Gemm"] + (
+                                 ["Gather"] if embeddings == "per_tensor" else []))
     finally:
         if embeddings == "per_row":
             for f in onnx_files(src): f.unlink()
     return dst
 
 def quantize_onnx_static(src, dst, calibration: list[dict[str, np.ndarray]], per_channel: bool = True) -> Path:
-    "int8 weights and activations, activation ranges calibrated on `calibration` feeds: ONNX Runtime's static quantization (QDQ)."
+    """int8 weights and activations, activation ranges calibrated on `calibration` feeds: ONNX Runtime's static
+    quantization (QDQ)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     if not calibration: raise ValueError("Static quantization needs calibration feeds (a list of {input name: array}).")
     class Feeds(CalibrationDataReader):
@@ -233,7 +261,8 @@ def cnn_logits_onnx(session, images: torch.Tensor, batch_size: int = 1000) -> to
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
         raise ValueError(f"images must have shape (N, 1, 28, 28), got {tuple(images.shape)}.")
     x = images.detach().to("cpu", torch.float32).contiguous().numpy()
-    return torch.cat([torch.from_numpy(session.run(None, {"images": x[i:i + batch_size]})[0]) for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [torch.from_numpy(session.run(None, {"images": x[i:i + batch_size]})[0]) for i in range(0, len(x), batch_size)])
 
 def export_cnn(model: nn.Module, folder, calibration_images: torch.Tensor) -> dict[str, Path]:
     "The CNN as ONNX in fp32 and in static int8 (calibrated on `calibration_images`): {'fp32': path, 'int8': path}."
@@ -256,10 +285,11 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torc
     return out
 
 def output_loss(original_logits: torch.Tensor, compressed_logits: torch.Tensor) -> float:
-    "The course brief's criterion: mean KL(original ‖ compressed) of the predicted distributions, in nats (chapter 3's distillation term at T = 1)."
+    """The course brief's criterion: mean KL(original ‖ compressed) of the predicted distributions, in nats
+    (chapter 3's distillation term at T = 1)."""
     if original_logits.shape != compressed_logits.shape:
-        raise ValueError(f"Logits of different shapes: {tuple(original_logits.shape)} vs {tuple(compressed_logits.shape)}; "
-                         "score the same examples with both models.")
+        raise ValueError(f"Logits of different shapes: {tuple(original_logits.shape)} vs "
+                         f"{tuple(compressed_logits.shape)}; score the same examples with both models.")
     kl = distillation_loss(compressed_logits.float(), original_logits.float(), temperature=1.0).item()
     return max(kl, 0.0)  # a KL divergence is never negative; float rounding gives about -1e-10 for identical outputs
 
@@ -269,7 +299,10 @@ def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 # %% ../nbs/07_compression.ipynb #1aca7dc7
 def latency_ms(fn, runs: int = 100, warmup: int = 10, sync=None) -> dict[str, float]:
-    "Call `fn()` `warmup` times untimed, then `runs` times timed: median, p90 and p99 wall-clock milliseconds. `sync()` (e.g. `torch.cuda.synchronize`) runs inside the timer after each call, so asynchronous GPU work is counted."
+    """Call `fn()` `warmup` times untimed, then `runs` times timed: median, p90 and p99 wall-clock milliseconds.
+
+    `sync()` (e.g. `torch.cuda.synchronize`) runs inside the timer after each call, so asynchronous GPU work is
+    counted."""
     if runs < 1: raise ValueError(f"runs must be at least 1, got {runs}.")
     sync = sync or (lambda: None)
     for _ in range(warmup): fn()
@@ -300,16 +333,19 @@ def minilm_reviews_dir(device=None) -> Path:
     if (folder/"config.json").exists(): return folder
     splits = course_splits()
     recipe = course_recipe("minilm")
-    finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), splits, seed=0, device=device, output_dir=folder,
-                        desc="fine-tune MiniLM (chapter 6)", **recipe)
+    finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), splits, seed=0, device=device,
+                        output_dir=folder, desc="fine-tune MiniLM (chapter 6)", **recipe)
     return folder
 
-def review_batches(texts: list[str], tokenizer, batch_size: int = 64, max_length: int = 64) -> list[dict[str, np.ndarray]]:
+def review_batches(texts: list[str], tokenizer, batch_size: int = 64,
+                   max_length: int = 64) -> list[dict[str, np.ndarray]]:
     "Texts tokenized into padded batches of int64 numpy arrays (`input_ids`, `attention_mask`), in order."
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        out.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="np")
+        out.append({"input_ids": enc["input_ids"].astype(np.int64),
+                    "attention_mask": enc["attention_mask"].astype(np.int64)})
     return out
 
 def text_logits_torch(model, batches: list[dict[str, np.ndarray]]) -> torch.Tensor:
@@ -317,24 +353,29 @@ def text_logits_torch(model, batches: list[dict[str, np.ndarray]]) -> torch.Tens
     dev = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
-        return torch.cat([model(**{k: torch.from_numpy(v).to(dev) for k, v in b.items()}).logits.float().cpu() for b in batches])
+        return torch.cat(
+            [model(**{k: torch.from_numpy(v).to(dev) for k, v in b.items()}).logits.float().cpu() for b in batches])
 
 def text_logits_onnx(session, batches: list[dict[str, np.ndarray]]) -> torch.Tensor:
     "Logits of an exported sequence classifier over `review_batches`."
     return torch.cat([torch.from_numpy(session.run(None, b)[0]) for b in batches])
 
 def export_text_onnx(model, tokenizer, path) -> Path:
-    "A sequence classifier exported to ONNX (`input_ids`, `attention_mask` → `logits`) with dynamic batch and sequence axes."
-    example = tokenizer(["an example review", "a second, longer example review for the export"], padding=True, return_tensors="pt")
+    """A sequence classifier exported to ONNX (`input_ids`, `attention_mask` → `logits`) with dynamic batch and
+    sequence axes."""
+    example = tokenizer(["an example review", "a second, longer example review for the export"], padding=True,
+                        return_tensors="pt")
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     return export_onnx(model, {k: example[k] for k in ("input_ids", "attention_mask")}, path, axes)
 
 def export_text_classifier(model, tokenizer, folder) -> dict[str, Path]:
-    "A sequence classifier as ONNX in fp32 and in dynamic int8, embeddings per row, per tensor or in float: {'fp32', 'int8', 'int8, embeddings per tensor', 'int8, embeddings fp32': path}."
+    """A sequence classifier as ONNX in fp32 and in dynamic int8, embeddings per row, per tensor or in float:
+    {'fp32', 'int8', 'int8, embeddings per tensor', 'int8, embeddings fp32': path}."""
     folder = Path(folder)
     fp32 = export_text_onnx(model, tokenizer, folder/"minilm_fp32.onnx")
     return {"fp32": fp32, "int8": quantize_onnx_dynamic(fp32, folder/"minilm_int8.onnx"),
-            "int8, embeddings per tensor": quantize_onnx_dynamic(fp32, folder/"minilm_int8_tensor.onnx", embeddings="per_tensor"),
+            "int8, embeddings per tensor":
+                quantize_onnx_dynamic(fp32, folder/"minilm_int8_tensor.onnx", embeddings="per_tensor"),
             "int8, embeddings fp32": quantize_onnx_dynamic(fp32, folder/"minilm_int8_matmul.onnx", embeddings="fp32")}
 
 # %% ../nbs/07_compression.ipynb #6673501d
@@ -348,10 +389,12 @@ def sparsity(model: nn.Module) -> float:
     return sum((w == 0).sum().item() for w in weights)/sum(w.numel() for w in weights)
 
 def prune_by_magnitude(model: nn.Module, target: float, scope: str = "global") -> nn.Module:
-    "Zero the smallest-|w| Conv/Linear weights (L1) until `target` of them are zero overall ('global') or in each layer ('layer'); in place, masks kept."
+    """Zero the smallest-|w| Conv/Linear weights (L1) until `target` of them are zero overall ('global') or in
+    each layer ('layer'); in place, masks kept."""
     if not 0 <= target < 1: raise ValueError(f"target sparsity must be in [0, 1), got {target}.")
     if scope not in ("global", "layer"): raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
-    model.to(memory_format=torch.contiguous_format)  # torch's pruning flattens weights with view(): channels_last ones must be made contiguous
+    # torch's pruning flattens weights with view(): channels_last ones must be made contiguous
+    model.to(memory_format=torch.contiguous_format)
     params = prunable(model)
     if not params: raise ValueError("The model has no Conv or Linear weights to prune.")
     for m, n in params:  # an already pruned weight is recomputed before each forward; refresh it in the new layout
@@ -359,7 +402,8 @@ def prune_by_magnitude(model: nn.Module, target: float, scope: str = "global") -
     if scope == "global":
         current = sparsity(model)
         if target > current:  # torch prunes a fraction of what is still unpruned
-            prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=(target - current)/(1 - current))
+            prune.global_unstructured(params, pruning_method=prune.L1Unstructured,
+                                      amount=(target - current)/(1 - current))
     else:
         for m, n in params:
             w = getattr(m, n)
@@ -374,20 +418,24 @@ def remove_pruning(model: nn.Module) -> nn.Module:
     return model
 
 # %% ../nbs/07_compression.ipynb #74d201ae
-def iterative_pruning(model: nn.Module, x_train, y_train, x_test, y_test, schedule=(0.5, 0.75, 0.9), *, epochs_per_step: float = 1,
-                      lr: float = 1e-3, scope: str = "global", seed: int = 0, device=None) -> tuple[nn.Module, list[dict]]:
-    "Prune to each sparsity of `schedule` in turn, retraining `epochs_per_step` after each; returns (pruned model, one row per step)."
+def iterative_pruning(model: nn.Module, x_train, y_train, x_test, y_test, schedule=(0.5, 0.75, 0.9), *,
+                      epochs_per_step: float = 1, lr: float = 1e-3, scope: str = "global", seed: int = 0,
+                      device=None) -> tuple[nn.Module, list[dict]]:
+    """Prune to each sparsity of `schedule` in turn, retraining `epochs_per_step` after each; returns (pruned
+    model, one row per step)."""
     model = copy.deepcopy(model)
     rows = []
     for i, target in enumerate(schedule):
         prune_by_magnitude(model, target, scope)
         before = evaluate_accuracy(model, x_test, y_test)
-        train_mnist_cnn(model, x_train, y_train, x_test, y_test, epochs=epochs_per_step, lr=lr, seed=seed + i, device=device,
-                        desc=f"retrain at {target:.0%}")
-        rows.append(dict(sparsity=sparsity(model), accuracy_pruned=before, accuracy_retrained=evaluate_accuracy(model, x_test, y_test)))
+        train_mnist_cnn(model, x_train, y_train, x_test, y_test, epochs=epochs_per_step, lr=lr, seed=seed + i,
+                        device=device, desc=f"retrain at {target:.0%}")
+        rows.append(dict(sparsity=sparsity(model), accuracy_pruned=before,
+                         accuracy_retrained=evaluate_accuracy(model, x_test, y_test)))
     return remove_pruning(model.to(memory_format=torch.contiguous_format)), rows
 
-def cached_pruned_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, schedule=(0.5, 0.75, 0.9, 0.95), device=None, **kwargs):
+def cached_pruned_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, schedule=(0.5, 0.75, 0.9, 0.95), device=None,
+                      **kwargs):
     "`iterative_pruning` of `cnn`, cached by schedule and data size: (model at the last sparsity, rows)."
     from safetensors.torch import load_file, save_file
     tag = "_".join(f"{s:g}" for s in schedule)
@@ -402,18 +450,21 @@ def cached_pruned_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, schedule
 
 # %% ../nbs/07_compression.ipynb #7138910f
 def state_size_mb(model: nn.Module, sparse: bool = False) -> float:
-    "Size in MB of `model`'s weights written with safetensors: dense, or every Conv/Linear weight as CSR (values, column indices, row pointers)."
+    """Size in MB of `model`'s weights written with safetensors: dense, or every Conv/Linear weight as CSR
+    (values, column indices, row pointers)."""
     import tempfile
     from safetensors.torch import save_file
     tensors = {}
-    sparse_names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))} if sparse else set()
+    sparse_names = ({f"{name}.weight" for name, m in model.named_modules()
+                     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))} if sparse else set())
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
         if k in sparse_names:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta": only its storage is used here
                 csr = v.reshape(v.shape[0], -1).to_sparse_csr()
-            tensors.update({f"{k}.values": csr.values(), f"{k}.col": csr.col_indices().int(), f"{k}.row": csr.crow_indices().int()})
+            tensors.update({f"{k}.values": csr.values(), f"{k}.col": csr.col_indices().int(),
+                            f"{k}.row": csr.crow_indices().int()})
         else: tensors[k] = v
     with tempfile.TemporaryDirectory() as d:
         save_file(tensors, f"{d}/w.safetensors")
@@ -421,7 +472,9 @@ def state_size_mb(model: nn.Module, sparse: bool = False) -> float:
 
 # %% ../nbs/07_compression.ipynb #72fa1de3
 class SlimCNN(MnistCNN):
-    "`MnistCNN` with `c1` and `c2` convolution channels and `hidden` units: what structured pruning leaves. Defined in chapter 7."
+    """`MnistCNN` with `c1` and `c2` convolution channels and `hidden` units: what structured pruning leaves.
+
+    Defined in chapter 7."""
     def __init__(self, c1: int = 32, c2: int = 64, hidden: int = 128, dropout1: float = 0.25, dropout2: float = 0.5):
         super().__init__(dropout1, dropout2)
         self.conv1, self.conv2 = nn.Conv2d(1, c1, 3, 1), nn.Conv2d(c1, c2, 3, 1)
@@ -432,14 +485,16 @@ def _strongest(weight: torch.Tensor, keep: int) -> torch.Tensor:
     return weight.detach().flatten(1).abs().sum(1).topk(keep).indices.sort().values
 
 def prune_channels(model: MnistCNN, keep: float = 0.5, keep_hidden: float | None = None) -> SlimCNN:
-    "A `SlimCNN` holding the `keep` fraction of each convolution's filters (and `keep_hidden` of fc1's units) with the largest L1 norm."
+    """A `SlimCNN` holding the `keep` fraction of each convolution's filters (and `keep_hidden` of fc1's units)
+    with the largest L1 norm."""
     if not 0 < keep <= 1: raise ValueError(f"keep must be in (0, 1], got {keep}.")
     keep_hidden = keep if keep_hidden is None else keep_hidden
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     c1 = _strongest(model.conv1.weight, max(1, round(keep*model.conv1.out_channels)))
     w2 = model.conv2.weight[:, c1]
     c2 = _strongest(w2, max(1, round(keep*model.conv2.out_channels)))
-    columns = (c2[:, None]*144 + torch.arange(144)).flatten()  # fc1 reads conv2's channels as blocks of 12x12 pooled pixels
+    # fc1 reads conv2's channels as blocks of 12x12 pooled pixels
+    columns = (c2[:, None]*144 + torch.arange(144)).flatten()
     w3 = model.fc1.weight[:, columns]
     h = _strongest(w3, max(1, round(keep_hidden*model.fc1.out_features)))
     slim = SlimCNN(len(c1), len(c2), len(h), model.dropout1.p, model.dropout2.p)
@@ -450,8 +505,8 @@ def prune_channels(model: MnistCNN, keep: float = 0.5, keep_hidden: float | None
         slim.fc2.weight.copy_(model.fc2.weight[:, h]); slim.fc2.bias.copy_(model.fc2.bias)
     return slim
 
-def cached_slim_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, keep: float = 0.5, epochs: float = 1, lr: float = 1e-3,
-                    device=None) -> tuple[SlimCNN, float]:
+def cached_slim_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, keep: float = 0.5, epochs: float = 1,
+                    lr: float = 1e-3, device=None) -> tuple[SlimCNN, float]:
     "`prune_channels(cnn, keep)` retrained for `epochs` (cached); returns (model, accuracy before retraining)."
     from safetensors.torch import load_file, save_file
     path = cache_dir("compress")/f"mnist_cnn_slim_{keep:g}_{epochs:g}_{len(x_train)}.safetensors"
@@ -460,21 +515,26 @@ def cached_slim_cnn(cnn: nn.Module, x_train, y_train, x_test, y_test, keep: floa
     if path.exists():
         slim.load_state_dict(load_file(path))
         return slim.to(get_device(device)).eval(), before
-    train_mnist_cnn(slim, x_train, y_train, x_test, y_test, epochs=epochs, lr=lr, device=device, desc=f"retrain {keep:.0%} channels")
+    train_mnist_cnn(slim, x_train, y_train, x_test, y_test, epochs=epochs, lr=lr, device=device,
+                    desc=f"retrain {keep:.0%} channels")
     slim = slim.to(memory_format=torch.contiguous_format)
     save_file({k: v.contiguous().cpu() for k, v in slim.state_dict().items()}, str(path))
     return slim.eval(), before
 
 # %% ../nbs/07_compression.ipynb #4d67dc6d
-MNIST_KD = dict(hidden=800, epochs=8, temperature=2.0, alpha=0.5)  # the chapter's distillation setting (Hinton et al.'s 784-800-800-10 student)
+# the chapter's distillation setting (Hinton et al.'s 784-800-800-10 student)
+MNIST_KD = dict(hidden=800, epochs=8, temperature=2.0, alpha=0.5)
 
 def mlp_student(hidden: int = 800) -> nn.Module:
     "The MNIST student: 784 → hidden → hidden → 10 with ReLU. Defined in chapter 7."
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
 
-def distill_mnist(student: nn.Module, teacher: nn.Module | None, x_train, y_train, *, temperature: float = 4.0, alpha: float = 0.9,
-                  augment=None, epochs: float = 5, batch_size: int = 128, lr: float = 3e-3, seed: int = 0, device=None) -> nn.Module:
-    "Train `student` on MNIST with `distillation_loss` against `teacher`'s logits on the same (augmented) batch; `teacher=None` or `alpha=0` trains it alone on the labels."
+def distill_mnist(student: nn.Module, teacher: nn.Module | None, x_train, y_train, *, temperature: float = 4.0,
+                  alpha: float = 0.9, augment=None, epochs: float = 5, batch_size: int = 128, lr: float = 3e-3,
+                  seed: int = 0, device=None) -> nn.Module:
+    """Train `student` on MNIST with `distillation_loss` against `teacher`'s logits on the same (augmented)
+    batch; `teacher=None` or `alpha=0` trains it alone on the labels."""
     device = get_device(device)
     seed_everything(seed)
     student = student.to(device)
@@ -491,36 +551,44 @@ def distill_mnist(student: nn.Module, teacher: nn.Module | None, x_train, y_trai
         if not taught: return F.cross_entropy(logits, y)
         with torch.no_grad(): target = teacher(x)  # the teacher sees exactly the image the student sees
         return distillation_loss(logits, target, y, temperature=temperature, alpha=alpha)
-    train(student, optimizer, loader, loss_fn, max_steps=steps, scheduler=one_cycle(optimizer, lr, steps), device=device,
-          desc="student, taught" if taught else "student, alone")
+    train(student, optimizer, loader, loss_fn, max_steps=steps, scheduler=one_cycle(optimizer, lr, steps),
+          device=device, desc="student, taught" if taught else "student, alone")
     return student.eval()
 
 def gap_recovered(student_alone: float, student_taught: float, teacher: float) -> float:
-    "The fraction of the student-alone vs. teacher accuracy gap that distillation closed (1: taught student as good as the teacher)."
-    if teacher <= student_alone: raise ValueError(f"No gap to recover: the student alone ({student_alone:.2f}) is not below the teacher ({teacher:.2f}).")
+    """The fraction of the student-alone vs. teacher accuracy gap that distillation closed (1: taught student as
+    good as the teacher)."""
+    if teacher <= student_alone:
+        raise ValueError(f"No gap to recover: the student alone ({student_alone:.2f}) is not below the teacher "
+                         f"({teacher:.2f}).")
     return (student_taught - student_alone)/(teacher - student_alone)
 
-def mnist_students(teacher: nn.Module, x_train, y_train, seeds=(0, 1, 2), device=None) -> dict[tuple[str, int], nn.Module]:
-    "The MLP student trained alone and taught by `teacher` with `MNIST_KD`, for each seed (cached): {('alone'|'taught', seed): model}."
+def mnist_students(teacher: nn.Module, x_train, y_train, seeds=(0, 1, 2),
+                   device=None) -> dict[tuple[str, int], nn.Module]:
+    """The MLP student trained alone and taught by `teacher` with `MNIST_KD`, for each seed (cached):
+    {('alone'|'taught', seed): model}."""
     from safetensors.torch import load_file, save_file
     epochs = fast_or_full(1, MNIST_KD["epochs"])
     settings = dict(temperature=MNIST_KD["temperature"], alpha=MNIST_KD["alpha"], epochs=epochs, device=device)
     out = {}
     for seed in seeds:
         for name in ("alone", "taught"):
-            path = cache_dir("compress")/(f"mnist_student_{name}_h{MNIST_KD['hidden']}_e{epochs}_T{MNIST_KD['temperature']:g}"
-                                          f"_a{MNIST_KD['alpha']:g}_{len(x_train)}_s{seed}.safetensors")
+            path = cache_dir("compress")/(f"mnist_student_{name}_h{MNIST_KD['hidden']}_e{epochs}"
+                                          f"_T{MNIST_KD['temperature']:g}_a{MNIST_KD['alpha']:g}_{len(x_train)}"
+                                          f"_s{seed}.safetensors")
             model = mlp_student(MNIST_KD["hidden"])
             if path.exists(): model.load_state_dict(load_file(path))
             else:
-                model = distill_mnist(model, teacher if name == "taught" else None, x_train, y_train, seed=seed, **settings)
+                model = distill_mnist(model, teacher if name == "taught" else None, x_train, y_train, seed=seed,
+                                      **settings)
                 save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
             out[(name, seed)] = model.to(get_device(device)).eval()
     return out
 
 # %% ../nbs/07_compression.ipynb #1ac624be
 def distillation_step(teacher, temperature: float = 2.0, alpha: float = 0.5):
-    "A `loss_fn(model, batch)` for `finetune_classifier`: `distillation_loss` of the student's logits against `teacher`'s on the same batch."
+    """A `loss_fn(model, batch)` for `finetune_classifier`: `distillation_loss` of the student's logits against
+    `teacher`'s on the same batch."""
     teacher.eval()
     for p in teacher.parameters(): p.requires_grad_(False)
     def loss_fn(model, batch):
@@ -533,7 +601,8 @@ def distillation_step(teacher, temperature: float = 2.0, alpha: float = 0.5):
 # %% ../nbs/07_compression.ipynb #f899546e
 def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temperature: float = 2.0, alpha: float = 0.5,
                   device=None) -> dict[str, tuple[Path, dict]]:
-    "Chapter 5's small BERT fine-tuned on the reviews alone and taught by the classifier in `teacher_dir` (cached folders): {'alone'|'taught': (folder, results)}."
+    """Chapter 5's small BERT fine-tuned on the reviews alone and taught by the classifier in `teacher_dir`
+    (cached folders): {'alone'|'taught': (folder, results)}."""
     from transformers import AutoModelForSequenceClassification
     from ptm_course.data import file_digest, load_tokenizer
     from ptm_course.finetune import classifier_from, course_recipe, course_splits, finetune_classifier
@@ -542,30 +611,34 @@ def text_students(teacher_dir, splits: dict | None = None, seed: int = 0, temper
         splits = course_splits()
     recipe = course_recipe("small_pretrained")
     out = {}
-    weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]  # the cached students follow their start, teacher and recipe
+    # the cached students follow their start, teacher and recipe
+    weights = lambda folder: file_digest(Path(folder)/"model.safetensors")[:10]
     start, teacher_tag = weights(small_bert_dir()), weights(teacher_dir)
     start += "_" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
     for name in ("alone", "taught"):
         tag = start + (f"_{teacher_tag}" if name == "taught" else "")
-        folder = cache_dir("compress")/f"small_bert_{name}_{'fast' if is_fast() else 'full'}_T{temperature:g}_a{alpha:g}_s{seed}_{tag}"
+        folder = cache_dir("compress")/(
+            f"small_bert_{name}_{'fast' if is_fast() else 'full'}_T{temperature:g}_a{alpha:g}_s{seed}_{tag}")
         if not (folder/"finetuning.json").exists():
             loss = None
             if name == "taught":
                 teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, local_files_only=True)
                 loss = distillation_step(teacher, temperature, alpha)
-            finetune_classifier(classifier_from("small_pretrained", seed=seed), load_tokenizer(), splits, seed=seed, device=device,
-                                loss_fn=loss, output_dir=folder, desc=f"small BERT, {name}", **recipe)
+            finetune_classifier(classifier_from("small_pretrained", seed=seed), load_tokenizer(), splits, seed=seed,
+                                device=device, loss_fn=loss, output_dir=folder, desc=f"small BERT, {name}", **recipe)
         out[name] = (folder, json.loads((folder/"finetuning.json").read_text()))
     return out
 
 # %% ../nbs/07_compression.ipynb #1511f2c8
 def format_compress(res: dict) -> str:
     "The benchmark's table as Markdown."
-    lines = ["| model | method | parameters | size MB | latency b1 ms | latency b64 ms | accuracy % | output loss (nats) |",
+    lines = ["| model | method | parameters | size MB | latency b1 ms | latency b64 ms | accuracy % | output loss "
+             "(nats) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['model']} | {r['method']} | {r['parameters']:,} | {r['size_mb']:.2f} | {r['latency_b1_ms']:.3f} | "
-                     f"{r['latency_b64_ms']:.3f} | {r['accuracy']:.2f} | {r['output_loss']:.2e} |")
+        lines.append(f"| {r['model']} | {r['method']} | {r['parameters']:,} | {r['size_mb']:.2f} | "
+                     f"{r['latency_b1_ms']:.3f} | {r['latency_b64_ms']:.3f} | {r['accuracy']:.2f} | "
+                     f"{r['output_loss']:.2e} |")
     lines.append(f"\n{res['device']}; {res['threads']} threads; latency: median of {res['runs']} runs after warm-up")
     return "\n".join(lines)
 

@@ -101,8 +101,9 @@ def cpu_model() -> str:
 def hardware_info(device=None) -> dict:
     "What a measurement ran on: CPU model, cores, torch threads, torch version, device (and GPU name), load average."
     device = get_device(device)
-    info = dict(cpu=cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform(), device=str(device))
+    info = dict(cpu=cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+                device=str(device))
     if device.type == "cuda": info["gpu"] = torch.cuda.get_device_name(device)
     try: info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError): info["load_average_1min_at_start"] = None

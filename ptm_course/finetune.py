@@ -31,7 +31,8 @@ __all__ = ['LABEL_NAMES', 'POOLINGS', 'HEADS', 'FINAL_FIT', 'RECIPES', 'course_s
 
 # %% ../nbs/06_bert_finetuning.ipynb #c0a5e7d1
 def course_splits() -> dict[str, list[Review]]:
-    "The review split of chapters 6 to 8: `review_splits(seed=0)`, cut to 256 training and 128 validation and test reviews in fast mode."
+    """The review split of chapters 6 to 8: `review_splits(seed=0)`, cut to 256 training and 128 validation and
+    test reviews in fast mode."""
     splits = review_splits(seed=0)
     return {k: v[:256 if k == "train" else 128] for k, v in splits.items()} if is_fast() else splits
 
@@ -41,7 +42,8 @@ LABEL_NAMES = ("rotten", "fresh")  # label ids 0 and 1, as in `ptm_course.data`
 def encode_reviews(reviews: list[Review], tokenizer, max_length: int = 64) -> list[dict]:
     "Tokenized reviews, each a dict of `input_ids`, `attention_mask` and `labels`, cut at `max_length` tokens."
     enc = tokenizer([r.text for r in reviews], truncation=True, max_length=max_length)
-    return [{"input_ids": ids, "attention_mask": m, "labels": r.label} for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], reviews)]
+    return [{"input_ids": ids, "attention_mask": m, "labels": r.label}
+            for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], reviews)]
 
 def review_loader(encoded: list[dict], tokenizer, batch_size: int = 32, shuffle: bool = True, seed: int = 0):
     "A `DataLoader` of padded batches; when shuffling, reviews of similar length are grouped (`LengthGroupedSampler`)."
@@ -57,54 +59,72 @@ def review_loader(encoded: list[dict], tokenizer, batch_size: int = 32, shuffle:
 
 # %% ../nbs/06_bert_finetuning.ipynb #a7e3c2d1
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    "The mean of each sequence's token vectors over its real tokens (`attention_mask` 1): (batch, tokens, hidden) → (batch, hidden)."
+    """The mean of each sequence's token vectors over its real tokens (`attention_mask` 1): (batch, tokens,
+    hidden) → (batch, hidden)."""
     if attention_mask.shape != hidden.shape[:2]:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the hidden states are {tuple(hidden.shape)}: "
-                         "pass the (batch, tokens) mask the tokenizer returned with these input_ids.")
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the hidden states are "
+                         f"{tuple(hidden.shape)}: pass the (batch, tokens) mask the tokenizer returned with these "
+                         f"input_ids.")
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden*mask).sum(1)/mask.sum(1).clamp(min=1)
 
 class MeanPooledBertConfig(BertConfig):
-    "A `BertConfig` whose own `model_type` lets `AutoConfig` and `AutoModelForSequenceClassification` load a saved mean-pooled classifier."
+    """A `BertConfig` whose own `model_type` lets `AutoConfig` and `AutoModelForSequenceClassification` load a
+    saved mean-pooled classifier."""
     model_type = "mean_pooled_bert"
 
 class MeanPooledBertForSequenceClassification(BertPreTrainedModel):
-    "BERT with dropout and a linear classifier on `mean_pool` of its last hidden states: `BertForSequenceClassification` with the mean of the real tokens in place of the pooled `[CLS]`."
+    """BERT with dropout and a linear classifier on `mean_pool` of its last hidden states:
+    `BertForSequenceClassification` with the mean of the real tokens in place of the pooled `[CLS]`."""
     config_class = MeanPooledBertConfig
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(
+            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> SequenceClassifierOutput:
-        if input_ids is None: raise ValueError("input_ids is required: pass what the tokenizer returns, e.g. model(**tokenizer(texts, return_tensors='pt')).")
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                **kwargs) -> SequenceClassifierOutput:
+        if input_ids is None:
+            raise ValueError("input_ids is required: pass what the tokenizer returns, e.g. model(**tokenizer(texts, "
+                             "return_tensors='pt')).")
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (batch, tokens): "
-                             "pass them as the tokenizer returns them, with padding=True for several texts.")
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs).last_hidden_state
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                             f"must both be (batch, tokens): pass them as the tokenizer returns them, with "
+                             f"padding=True for several texts.")
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                           **kwargs).last_hidden_state
         logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 # importing ptm_course.finetune is what lets `AutoModelForSequenceClassification.from_pretrained` read these folders
 AutoConfig.register(MeanPooledBertConfig.model_type, MeanPooledBertConfig, exist_ok=True)
-AutoModelForSequenceClassification.register(MeanPooledBertConfig, MeanPooledBertForSequenceClassification, exist_ok=True)
+AutoModelForSequenceClassification.register(MeanPooledBertConfig, MeanPooledBertForSequenceClassification,
+                                            exist_ok=True)
 
 # %% ../nbs/06_bert_finetuning.ipynb #16b4c059
 POOLINGS = ("mean", "cls")
-HEADS = {"minilm": "mean", "small_pretrained": "cls", "small_scratch": "cls"}  # each start's head, chosen on the validation split
+# each start's head, chosen on the validation split
+HEADS = {"minilm": "mean", "small_pretrained": "cls", "small_scratch": "cls"}
 
-def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.PathLike | None = None, pooling: str | None = None):
-    "A 2-label classifier from 'minilm' (bundled), 'small_pretrained' (chapter 5), 'small_scratch' (random), or any Hugging Face name or folder; `pooling` 'mean' (`MeanPooledBertForSequenceClassification`) or 'cls' (`BertForSequenceClassification`), by default `HEADS[start]`, and for other models 'mean' on a BERT, else 'cls'."
+def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.PathLike | None = None,
+                    pooling: str | None = None):
+    """A 2-label classifier from 'minilm' (bundled), 'small_pretrained' (chapter 5), 'small_scratch' (random),
+    or any Hugging Face name or folder; `pooling` 'mean' (`MeanPooledBertForSequenceClassification`) or 'cls'
+    (`BertForSequenceClassification`), by default `HEADS[start]`, and for other models 'mean' on a BERT, else
+    'cls'."""
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
-    if pooling is not None and pooling not in POOLINGS: raise ValueError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}.")
-    labels = dict(num_labels=2, id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}.")
+    labels = dict(num_labels=2, id2label=dict(enumerate(LABEL_NAMES)),
+                  label2id={n: i for i, n in enumerate(LABEL_NAMES)})
     seed_everything(seed)  # the new weights (classifier, pooler, or all of them) depend on the seed
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expected "newly initialized: classifier" notice, once per run, is noise here
@@ -117,7 +137,8 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
         bert = kind in ("bert", MeanPooledBertConfig.model_type)
         pooling = pooling or HEADS.get(start, "mean" if bert else "cls")
         if pooling == "cls":
-            if start == "small_scratch": return BertForSequenceClassification(BertConfig.from_pretrained(path, **labels))
+            if start == "small_scratch":
+                return BertForSequenceClassification(BertConfig.from_pretrained(path, **labels))
             return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=local, **labels)
         if not bert:
             raise ValueError(f"{start} is a {kind!r} model; the mean-pooled head is built on BERT. "
@@ -130,8 +151,10 @@ def classifier_from(start: str = "minilm", seed: int = 0, small_bert: str | os.P
 
 # %% ../nbs/06_bert_finetuning.ipynb #66523e6b
 FINAL_FIT = ("train", "validation")  # once a recipe is chosen on validation, the final model trains on both
-RECIPES = {"minilm": dict(lr=1e-4, epochs=2, train_on=FINAL_FIT), "small_pretrained": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT),
-           "small_scratch": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT)}
+RECIPES = {"minilm": dict(lr=1e-4, epochs=2, train_on=FINAL_FIT),
+           "small_pretrained":
+               dict(lr=3e-4, epochs=3, train_on=FINAL_FIT),
+               "small_scratch": dict(lr=3e-4, epochs=3, train_on=FINAL_FIT)}
 
 def course_recipe(start: str) -> dict:
     "`RECIPES[start]`, cut to one epoch in fast mode (like `course_splits`)."
@@ -158,10 +181,14 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
                         batch_size: int = 32, warmup: float = 0.1, weight_decay: float = 0.01, max_length: int = 64,
                         seed: int = 0, device=None, output_dir=None, desc: str = "fine-tune", loss_fn=None,
                         mixed_precision: str | None = "native", train_on=("train",)) -> tuple[History, dict]:
-    "Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns (history, results). It trains on the splits named in `train_on` and reports validation accuracy after every epoch unless validation is among them; `loss_fn(model, batch)` replaces the model's own cross-entropy (chapter 7 distils with it). Defined in chapter 6."
+    """Fine-tune a sequence classifier on the review `splits` (train, validation, test) with `train()`; returns
+    (history, results). It trains on the splits named in `train_on` and reports validation accuracy after
+    every epoch unless validation is among them; `loss_fn(model, batch)` replaces the model's own
+    cross-entropy (chapter 7 distils with it). Defined in chapter 6."""
     from transformers import get_linear_schedule_with_warmup
     missing = {"train", "validation", "test"} - set(splits)
-    if missing: raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing {sorted(missing)}.")
+    if missing:
+        raise ValueError(f"splits needs 'train', 'validation' and 'test' lists of reviews; missing {sorted(missing)}.")
     train_on = (train_on,) if isinstance(train_on, str) else tuple(train_on)
     if "train" not in train_on or not set(train_on) <= {"train", "validation"}:
         raise ValueError(f"train_on must name 'train' and optionally 'validation' (never 'test'), got {train_on}.")
@@ -169,22 +196,27 @@ def finetune_classifier(model, tokenizer, splits: dict[str, list[Review]], *, lr
     seed_everything(seed)
     fit = [e for k in train_on for e in encoded[k]]
     train_loader = review_loader(fit, tokenizer, batch_size, shuffle=True, seed=seed)
-    evaluation = {} if "validation" in train_on else dict(  # validation accuracy after every epoch, unless it is trained on
-        eval_loader=review_loader(encoded["validation"], tokenizer, 128, shuffle=False), eval_fn=evaluate_reviews, eval_every=len(train_loader))
+    # validation accuracy after every epoch, unless it is trained on
+    evaluation = {} if "validation" in train_on else dict(
+        eval_loader=review_loader(encoded["validation"], tokenizer, 128, shuffle=False), eval_fn=evaluate_reviews,
+        eval_every=len(train_loader))
     steps = epochs*len(train_loader)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(warmup*steps)), steps)
     tokens = sum(len(e["input_ids"]) for e in fit)*epochs
     start = time.perf_counter()
-    history = train(model, optimizer, train_loader, loss_fn or (lambda m, b: m(**b).loss), epochs=epochs, scheduler=scheduler, grad_clip=1.0,
-                    device=device, mixed_precision=mixed_precision, desc=desc, **evaluation)
+    history = train(model, optimizer, train_loader, loss_fn or (lambda m, b: m(**b).loss), epochs=epochs,
+                    scheduler=scheduler, grad_clip=1.0, device=device, mixed_precision=mixed_precision, desc=desc,
+                    **evaluation)
     seconds = time.perf_counter() - start
     test = evaluate_reviews(model, review_loader(encoded["test"], tokenizer, 128, shuffle=False))
-    results = dict(test_accuracy=test["accuracy"], test_loss=test["val_loss"], valid_accuracy=history.last("accuracy", None),
-                   seconds=seconds, tokens_per_s=tokens/seconds, parameters=count_parameters(model), steps=steps,
-                   epochs=epochs, lr=lr, seed=seed, trained_on=list(train_on), train_reviews=len(fit), device=str(next(model.parameters()).device),
+    results = dict(test_accuracy=test["accuracy"], test_loss=test["val_loss"],
+                   valid_accuracy=history.last("accuracy", None), seconds=seconds, tokens_per_s=tokens/seconds,
+                   parameters=count_parameters(model), steps=steps, epochs=epochs, lr=lr, seed=seed,
+                   trained_on=list(train_on), train_reviews=len(fit), device=str(next(model.parameters()).device),
                    precision=resolve_mixed_precision(mixed_precision, process_device(device)))
     if output_dir is not None: save_classifier(model, tokenizer, output_dir, results)
     return history, results
@@ -197,9 +229,11 @@ def save_classifier(model, tokenizer, output_dir, results: dict | None = None) -
     return out
 
 # %% ../nbs/06_bert_finetuning.ipynb #dbdd9cf6
-def compare_starts(splits: dict[str, list[Review]], starts=("minilm", "small_pretrained", "small_scratch"), seeds=(0, 1, 2),
-                   tokenizer=None, device=None, keep: dict | None = None, recipes: dict | None = None, **kwargs) -> dict:
-    "Fine-tune each start with each seed (`course_recipe` per start, updated by `recipes`); returns {(start, seed): (history, results)}; `keep={start: folder}` saves seed `seeds[0]`."
+def compare_starts(splits: dict[str, list[Review]], starts=("minilm", "small_pretrained", "small_scratch"),
+                   seeds=(0, 1, 2), tokenizer=None, device=None, keep: dict | None = None, recipes: dict | None = None,
+                   **kwargs) -> dict:
+    """Fine-tune each start with each seed (`course_recipe` per start, updated by `recipes`); returns {(start,
+    seed): (history, results)}; `keep={start: folder}` saves seed `seeds[0]`."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     recipes = {**{s: course_recipe(s) for s in RECIPES}, **(recipes or {})}
     out = {}
@@ -207,8 +241,9 @@ def compare_starts(splits: dict[str, list[Review]], starts=("minilm", "small_pre
         for seed in seeds:
             model = classifier_from(start, seed=seed)
             folder = (keep or {}).get(start) if seed == seeds[0] else None
-            out[(start, seed)] = finetune_classifier(model, tokenizer, splits, seed=seed, device=device, output_dir=folder,
-                                                     desc=f"{start} seed {seed}", **{**recipes.get(start, {}), **kwargs})
+            out[(start, seed)] = finetune_classifier(model, tokenizer, splits, seed=seed, device=device,
+                                                     output_dir=folder, desc=f"{start} seed {seed}",
+                                                     **{**recipes.get(start, {}), **kwargs})
     return out
 
 def comparison_table(results: dict, names: dict | None = None) -> list[dict]:
@@ -217,9 +252,10 @@ def comparison_table(results: dict, names: dict | None = None) -> list[dict]:
     for start in dict.fromkeys(s for s, _ in results):
         rs = [r for (s, _), (_, r) in results.items() if s == start]
         acc = np.array([r["test_accuracy"] for r in rs])
-        rows.append(dict(start=start, name=(names or {}).get(start, start), accuracy=acc.mean(), std=acc.std(ddof=1) if len(acc) > 1 else 0.0,
-                         seeds=len(rs), seconds=np.mean([r["seconds"] for r in rs]), tokens_per_s=np.mean([r["tokens_per_s"] for r in rs]),
-                         parameters=rs[0]["parameters"]))
+        rows.append(dict(start=start, name=(names or {}).get(start, start), accuracy=acc.mean(),
+                         std=acc.std(ddof=1) if len(acc) > 1 else 0.0, seeds=len(rs),
+                         seconds=np.mean([r["seconds"] for r in rs]),
+                         tokens_per_s=np.mean([r["tokens_per_s"] for r in rs]), parameters=rs[0]["parameters"]))
     return rows
 
 def format_comparison(rows: list[dict]) -> str:
@@ -239,8 +275,9 @@ def load_classifier(model_dir, device=None):
     device = get_device(device)
     folder = Path(model_dir).expanduser()
     if not (folder/"config.json").exists():
-        raise FileNotFoundError(f"No fine-tuned model in {folder} (config.json missing). Fine-tune one first: run chapter 6, or "
-                                "`finetune_classifier(classifier_from('minilm'), tokenizer, review_splits(), output_dir=...)`.")
+        raise FileNotFoundError(f"No fine-tuned model in {folder} (config.json missing). Fine-tune one first: run "
+                                f"chapter 6, or `finetune_classifier(classifier_from('minilm'), tokenizer, "
+                                f"review_splits(), output_dir=...)`.")
     key = (str(folder.resolve()), str(device))
     if key not in _loaded:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -254,14 +291,16 @@ def classify(texts, model_dir, device=None, batch_size: int = 64, max_length: in
     if isinstance(texts, str): texts = [texts]
     texts = list(texts)
     for i, t in enumerate(texts):
-        if not isinstance(t, str): raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a string: pass a string or a list of strings.")
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a string: pass a string or a list of strings.")
         if not t.strip(): raise ValueError(f"texts[{i}] is empty: there is nothing to classify.")
     if batch_size < 1: raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     tokenizer, model = load_classifier(model_dir, device)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
         probs = model(**enc.to(model.device)).logits.float().softmax(-1).cpu()
         for p in probs:
             j = int(p.argmax())

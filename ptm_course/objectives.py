@@ -17,14 +17,16 @@ IGNORE_INDEX = -100  # the label that means "nothing to predict here", as in PyT
 def _check_ids(ids, name: str):
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         what = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
-        raise ValueError(f"{name} must be an integer tensor of token ids, got {what}; convert it with `torch.as_tensor(...).long()`.")
+        raise ValueError(f"{name} must be an integer tensor of token ids, got {what}; convert it with "
+                         f"`torch.as_tensor(...).long()`.")
 
 def _check_logits(logits, targets: torch.Tensor, logits_name: str, targets_name: str):
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError(f"{logits_name} must be a floating-point tensor of scores over the vocabulary.")
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"{logits_name} has shape {tuple(logits.shape)} but {targets_name} has shape {tuple(targets.shape)}: "
-                         f"expected {logits_name} of shape {tuple(targets.shape)} + (vocab_size,), one row of scores per token.")
+        raise ValueError(f"{logits_name} has shape {tuple(logits.shape)} but {targets_name} has shape "
+                         f"{tuple(targets.shape)}: expected {logits_name} of shape {tuple(targets.shape)} + "
+                         f"(vocab_size,), one row of scores per token.")
 
 def _check_mask(attention_mask, input_ids: torch.Tensor, name: str):
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -39,13 +41,17 @@ def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")/n
 
 # %% ../nbs/03_objectives.ipynb #0a2a32ea
-def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "How far `reconstruction` is from `target`: cross-entropy at every real token for token ids (given logits), mean squared error for real values."
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """How far `reconstruction` is from `target`: cross-entropy at every real token for token ids (given
+    logits), mean squared error for real values."""
     if isinstance(target, torch.Tensor) and target.is_floating_point():
-        if attention_mask is not None: raise ValueError("attention_mask marks padding tokens; real-valued targets have none, so leave it out.")
+        if attention_mask is not None:
+            raise ValueError("attention_mask marks padding tokens; real-valued targets have none, so leave it out.")
         if reconstruction.shape != target.shape:
-            raise ValueError(f"reconstruction has shape {tuple(reconstruction.shape)} but target has shape {tuple(target.shape)}: "
-                             "a real-valued reconstruction must have the shape of what it reconstructs.")
+            raise ValueError(f"reconstruction has shape {tuple(reconstruction.shape)} but target has shape "
+                             f"{tuple(target.shape)}: a real-valued reconstruction must have the shape of what it "
+                             f"reconstructs.")
         return F.mse_loss(reconstruction.float(), target.float())
     _check_ids(target, "target")
     _check_logits(reconstruction, target, "reconstruction", "target")
@@ -56,25 +62,29 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, atte
 # %% ../nbs/03_objectives.ipynb #d0294d03
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    "Next-token loss −log p(x_{t+1} | x_{1:t}) averaged over real tokens; padding is where `attention_mask` is 0 or `input_ids` is `ignore_index`."
+    """Next-token loss −log p(x_{t+1} | x_{1:t}) averaged over real tokens; padding is where `attention_mask` is
+    0 or `input_ids` is `ignore_index`."""
     _check_ids(input_ids, "input_ids")
     _check_logits(logits, input_ids, "logits", "input_ids")
     _check_mask(attention_mask, input_ids, "input_ids")
     targets = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
-    targets = F.pad(targets[..., 1:], (0, 1), value=ignore_index)  # the scores at t predict the token at t + 1; the last predict nothing
+    # the scores at t predict the token at t + 1; the last predict nothing
+    targets = F.pad(targets[..., 1:], (0, 1), value=ignore_index)
     return _token_cross_entropy(logits, targets, ignore_index)
 
 # %% ../nbs/03_objectives.ipynb #d24942c8
 def mask_tokens(input_ids: torch.Tensor, tokenizer, mlm_probability: float = 0.15,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "BERT's masking: choose each ordinary token with probability `mlm_probability`, make 80% of those [MASK], 10% random, keep 10%; returns `(inputs, labels)`, labels -100 where nothing is predicted."
+    """BERT's masking: choose each ordinary token with probability `mlm_probability`, make 80% of those [MASK],
+    10% random, keep 10%; returns `(inputs, labels)`, labels -100 where nothing is predicted."""
     _check_ids(input_ids, "input_ids")
     if not 0 <= mlm_probability <= 1:
-        raise ValueError(f"mlm_probability is the chance that a token is chosen and must lie in [0, 1], got {mlm_probability}.")
+        raise ValueError(f"mlm_probability is the chance that a token is chosen and must lie in [0, 1], got "
+                         f"{mlm_probability}.")
     mask_id = getattr(tokenizer, "mask_token_id", None)
     if mask_id is None:
-        raise ValueError("The tokenizer has no mask token (tokenizer.mask_token_id is None), which masked-token prediction needs; "
-                         "add one with `tokenizer.add_special_tokens({'mask_token': '[MASK]'})`.")
+        raise ValueError("The tokenizer has no mask token (tokenizer.mask_token_id is None), which masked-token "
+                         "prediction needs; add one with `tokenizer.add_special_tokens({'mask_token': '[MASK]'})`.")
     where = generator.device if generator is not None else input_ids.device  # draw where the generator lives
     def uniform(): return torch.rand(input_ids.shape, generator=generator, device=where).to(input_ids.device)
     special = torch.isin(input_ids, torch.tensor(sorted(tokenizer.all_special_ids), device=input_ids.device))
@@ -89,7 +99,8 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer, mlm_probability: float = 0.1
 
 # %% ../nbs/03_objectives.ipynb #85afec91
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    "Cross-entropy at the chosen positions only (labels other than -100, as `mask_tokens` returns them); 0 if none is chosen."
+    """Cross-entropy at the chosen positions only (labels other than -100, as `mask_tokens` returns them); 0 if
+    none is chosen."""
     _check_ids(labels, "labels")
     _check_logits(logits, labels, "logits", "labels")
     return _token_cross_entropy(logits, labels)
@@ -97,25 +108,30 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/03_objectives.ipynb #c9150a3c
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
                       temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
-    "Hinton et al.'s loss: `alpha` weights T²·KL(teacher ‖ student) at temperature T, `1 - alpha` the cross-entropy with `labels` (without labels: the KL term alone)."
+    """Hinton et al.'s loss: `alpha` weights T²·KL(teacher ‖ student) at temperature T, `1 - alpha` the
+    cross-entropy with `labels` (without labels: the KL term alone)."""
     if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
         raise ValueError("student_logits and teacher_logits must be tensors of scores over the classes.")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has shape "
                          f"{tuple(teacher_logits.shape)}: both must score the same classes for the same examples.")
     if not temperature > 0: raise ValueError(f"temperature must be positive, got {temperature}.")
-    if not 0 <= alpha <= 1: raise ValueError(f"alpha is the weight of the distillation term and must lie in [0, 1], got {alpha}.")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha is the weight of the distillation term and must lie in [0, 1], got {alpha}.")
     n_classes = student_logits.shape[-1]
-    student, teacher = student_logits.reshape(-1, n_classes).float(), teacher_logits.reshape(-1, n_classes).detach().float()
+    student, teacher = (student_logits.reshape(-1, n_classes).float(),
+                        teacher_logits.reshape(-1, n_classes).detach().float())
     if labels is not None:
         _check_ids(labels, "labels")
         if labels.shape != student_logits.shape[:-1]:
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but the logits have shape {tuple(student_logits.shape)}: "
-                             f"expected labels of shape {tuple(student_logits.shape[:-1])}, one class per row of scores.")
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but the logits have shape "
+                             f"{tuple(student_logits.shape)}: expected labels of shape "
+                             f"{tuple(student_logits.shape[:-1])}, one class per row of scores.")
         keep = labels.reshape(-1) != IGNORE_INDEX  # rows labelled -100 (padding) count in neither term
         student, teacher, labels = student[keep], teacher[keep], labels.reshape(-1)[keep]
     if len(student) == 0: return student_logits.sum()*0.0
     T = temperature
-    soft = T**2*F.kl_div(F.log_softmax(student/T, -1), F.log_softmax(teacher/T, -1), reduction="batchmean", log_target=True)
+    soft = T**2*F.kl_div(F.log_softmax(student/T, -1), F.log_softmax(teacher/T, -1), reduction="batchmean",
+                         log_target=True)
     if labels is None: return soft
     return alpha*soft + (1 - alpha)*F.cross_entropy(student, labels)

@@ -26,7 +26,8 @@ __all__ = ['DescentResult', 'gradient_descent', 'softmax_regression_loss', 'auto
 # %% ../nbs/01_gradient_descent.ipynb #298fadec
 @dataclass
 class DescentResult:
-    "What `gradient_descent` returns: the last θ, the loss at every θ visited, why it stopped, and (optionally) every θ. Defined in chapter 1."
+    """What `gradient_descent` returns: the last θ, the loss at every θ visited, why it stopped, and
+    (optionally) every θ. Defined in chapter 1."""
     theta: list
     losses: list
     stopped_because: str
@@ -38,8 +39,10 @@ class DescentResult:
         return len(self.losses) - 1
 
 def gradient_descent(loss_and_gradient, theta, lr: float, max_steps: int = 1000, tol: float = 1e-6,
-                     diverge_factor: float = 1e8, keep_trajectory: bool = False, desc: str | None = None) -> DescentResult:
-    "Minimize with θ ← θ − lr·∇L until the relative loss decrease falls below `tol`, the loss blows up, or `max_steps`. Defined in chapter 1."
+                     diverge_factor: float = 1e8, keep_trajectory: bool = False,
+                     desc: str | None = None) -> DescentResult:
+    """Minimize with θ ← θ − lr·∇L until the relative loss decrease falls below `tol`, the loss blows up, or
+    `max_steps`. Defined in chapter 1."""
     theta = [t.detach().clone() for t in theta]                     # 1. initialize (a copy: the caller's θ stays)
     losses, trajectory = [], [] if keep_trajectory else None
     steps = range(max_steps + 1)
@@ -62,7 +65,8 @@ def softmax_regression_loss(X, y, W, b):
     return F.cross_entropy(X @ W + b, y)
 
 def autograd_loss_and_gradient(loss_fn):
-    "Turn `loss_fn(theta)` into the `(loss, ∇θ loss)` pair that `gradient_descent` wants, with autograd doing step 3. Defined in chapter 1."
+    """Turn `loss_fn(theta)` into the `(loss, ∇θ loss)` pair that `gradient_descent` wants, with autograd doing
+    step 3. Defined in chapter 1."""
     def loss_and_gradient(theta):
         theta = [t.detach().requires_grad_() for t in theta]
         loss = loss_fn(theta)
@@ -79,19 +83,24 @@ def linear_regression_loss(X, y, w, b):
     return ((X @ w + b - y) ** 2).mean()
 
 def mse_gradient(X, y, w, b):
-    "Gradient of `linear_regression_loss` w.r.t. (w, b), derived by hand: (2/N) Xᵀr and (2/N) Σ r. Defined in chapter 1."
+    """Gradient of `linear_regression_loss` w.r.t. (w, b), derived by hand: (2/N) Xᵀr and (2/N) Σ r.
+
+    Defined in chapter 1."""
     r = X @ w + b - y
     n = len(y)
     return 2 / n * X.T @ r, 2 / n * r.sum()
 
 # %% ../nbs/01_gradient_descent.ipynb #e390e9b3
 def autograd_gradient(loss_fn, X, y, *params):
-    "The gradients autograd computes for `loss_fn(X, y, *params)`: the oracle for a hand-derived gradient. Defined in chapter 1."
+    """The gradients autograd computes for `loss_fn(X, y, *params)`: the oracle for a hand-derived gradient.
+
+    Defined in chapter 1."""
     params = [p.detach().requires_grad_() for p in params]
     return torch.autograd.grad(loss_fn(X, y, *params), params)
 
 def numerical_gradient(loss_fn, X, y, *params, eps: float = 1e-6):
-    "Central finite differences (L(θ + εe_j) − L(θ − εe_j)) / 2ε, one coordinate at a time: slow, but needs no calculus. Defined in chapter 1."
+    """Central finite differences (L(θ + εe_j) − L(θ − εe_j)) / 2ε, one coordinate at a time: slow, but
+    needs no calculus. Defined in chapter 1."""
     params = [p.detach().clone() for p in params]
     grads = []
     for p in params:
@@ -106,7 +115,8 @@ def numerical_gradient(loss_fn, X, y, *params, eps: float = 1e-6):
     return tuple(grads)
 
 def hand_gradient_function(loss_fn, gradient_fn, X, y):
-    "`params -> loss` as an autograd Function whose backward pass is `gradient_fn`, not autograd: what `gradcheck` needs. Defined in chapter 1."
+    """`params -> loss` as an autograd Function whose backward pass is `gradient_fn`, not autograd: what
+    `gradcheck` needs. Defined in chapter 1."""
     class HandGradient(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *params):
@@ -118,7 +128,8 @@ def hand_gradient_function(loss_fn, gradient_fn, X, y):
     return HandGradient.apply
 
 def check_gradient(loss_fn, gradient_fn, X, y, *params, **gradcheck_kwargs) -> dict:
-    "Compare a hand-derived gradient with autograd and, via `torch.autograd.gradcheck` in float64 on the CPU, with finite differences. Defined in chapter 1."
+    """Compare a hand-derived gradient with autograd and, via `torch.autograd.gradcheck` in float64 on the CPU,
+    with finite differences. Defined in chapter 1."""
     to64 = lambda t: t.detach().cpu().double() if t.is_floating_point() else t.detach().cpu()
     X, y, params = to64(X), to64(y), [to64(p) for p in params]
     hand = gradient_fn(X, y, *params)
@@ -131,16 +142,21 @@ def check_gradient(loss_fn, gradient_fn, X, y, *params, **gradcheck_kwargs) -> d
 
 # %% ../nbs/01_gradient_descent.ipynb #68ab772a
 def logistic_regression_loss(X, y, w, b):
-    "Binary cross-entropy of `sigmoid(X @ w + b)` against 0/1 targets `y` (computed stably from the logits). Defined in chapter 1."
+    """Binary cross-entropy of `sigmoid(X @ w + b)` against 0/1 targets `y` (computed stably from the logits).
+
+    Defined in chapter 1."""
     return F.binary_cross_entropy_with_logits(X @ w + b, y)
 
 def logistic_regression_gradient(X, y, w, b):
-    "Gradient of `logistic_regression_loss` w.r.t. (w, b), by hand: Xᵀ(p − y)/N and mean(p − y). Defined in chapter 1."
+    """Gradient of `logistic_regression_loss` w.r.t. (w, b), by hand: Xᵀ(p − y)/N and mean(p − y).
+
+    Defined in chapter 1."""
     error = torch.sigmoid(X @ w + b) - y
     return X.T @ error / len(y), error.mean()
 
 def softmax_regression_gradient(X, y, W, b):
-    "Gradient of `softmax_regression_loss` w.r.t. (W, b), by hand: Xᵀ(P − Y)/N and the column sums of (P − Y)/N. Defined in chapter 1."
+    """Gradient of `softmax_regression_loss` w.r.t. (W, b), by hand: Xᵀ(P − Y)/N and the column sums of (P −
+    Y)/N. Defined in chapter 1."""
     logits = X @ W + b
     dlogits = (logits.softmax(-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)) / len(y)
     return X.T @ dlogits, dlogits.sum(0)
@@ -152,14 +168,18 @@ def _activation(name: str):
     raise ValueError(f"Unknown activation {name!r}: use 'relu' or 'tanh'.")
 
 def mlp_init(d_in: int, d_hidden: int, d_out: int, generator=None, dtype=torch.float32, device=None):
-    "Parameters (W1, b1, W2, b2) of a two-layer MLP, with PyTorch's default uniform ±1/√fan_in initialization. Defined in chapter 1."
+    """Parameters (W1, b1, W2, b2) of a two-layer MLP, with PyTorch's default uniform ±1/√fan_in initialization.
+
+    Defined in chapter 1."""
     def uniform(*shape, fan_in):
         return (torch.rand(*shape, generator=generator, dtype=dtype) * 2 - 1).div_(math.sqrt(fan_in)).to(device)
     return (uniform(d_in, d_hidden, fan_in=d_in), uniform(d_hidden, fan_in=d_in),
             uniform(d_hidden, d_out, fan_in=d_hidden), uniform(d_out, fan_in=d_hidden))
 
 def mlp_forward(X, W1, b1, W2, b2, activation: str = "relu"):
-    "Logits of the MLP `φ(X W1 + b1) W2 + b2`, plus the values (H, A) that backpropagation reuses. Defined in chapter 1."
+    """Logits of the MLP `φ(X W1 + b1) W2 + b2`, plus the values (H, A) that backpropagation reuses.
+
+    Defined in chapter 1."""
     phi, _ = _activation(activation)
     H = X @ W1 + b1
     A = phi(H)
@@ -170,7 +190,8 @@ def mlp_loss(X, y, W1, b1, W2, b2, activation: str = "relu"):
     return F.cross_entropy(mlp_forward(X, W1, b1, W2, b2, activation)[0], y)
 
 def mlp_backward(X, y, W1, b1, W2, b2, activation: str = "relu"):
-    "Backpropagation by hand: gradients of `mlp_loss` w.r.t. (W1, b1, W2, b2), the chain rule from the loss backwards. Defined in chapter 1."
+    """Backpropagation by hand: gradients of `mlp_loss` w.r.t. (W1, b1, W2, b2), the chain rule from the loss
+    backwards. Defined in chapter 1."""
     _, phi_prime = _activation(activation)
     Z, (H, A) = mlp_forward(X, W1, b1, W2, b2, activation)
     dZ = (Z.softmax(-1) - F.one_hot(y, Z.shape[-1]).to(Z.dtype)) / len(y)   # ∂L/∂Z
@@ -182,7 +203,9 @@ def mlp_backward(X, y, W1, b1, W2, b2, activation: str = "relu"):
 
 # %% ../nbs/01_gradient_descent.ipynb #c5985f7f
 def quadratic_problem(eigenvalues, seed: int = 0, dtype=torch.float64):
-    "A random rotation Q diag(eigenvalues) Qᵀ: the Hessian A of L(θ) = ½ θᵀAθ, whose minimum is θ* = 0. Defined in chapter 1."
+    """A random rotation Q diag(eigenvalues) Qᵀ: the Hessian A of L(θ) = ½ θᵀAθ, whose minimum is θ* = 0.
+
+    Defined in chapter 1."""
     eigenvalues = torch.as_tensor(eigenvalues, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=dtype))
@@ -200,7 +223,8 @@ def contraction_factor(eigenvalues, lr: float) -> float:
     return max(abs(1 - lr * float(lam)) for lam in eigenvalues)
 
 def measured_rate(errors) -> float:
-    "Per-step factor by which `errors` shrink (or grow) over the second half of a run (up to any exact 0 or inf): a geometric mean. Defined in chapter 1."
+    """Per-step factor by which `errors` shrink (or grow) over the second half of a run (up to any exact 0 or
+    inf): a geometric mean. Defined in chapter 1."""
     errors = [float(e) for e in errors]
     usable = next((i for i, e in enumerate(errors) if not 0 < e < math.inf), len(errors))
     errors = errors[:usable]
@@ -211,7 +235,8 @@ def measured_rate(errors) -> float:
 # %% ../nbs/01_gradient_descent.ipynb #7eeacd36
 def minibatch_sgd(gradient_fn, theta, x, y, lr: float, batch_size: int, epochs: int = 1, loss_fn=None,
                   eval_data=None, evals_per_epoch: int = 0, generator=None, desc: str | None = None):
-    "Plain SGD with a hand-derived `gradient_fn(X, y, *θ)`: θ ← θ − lr·g_batch over shuffled minibatches; returns θ and [(examples seen, loss)]. Defined in chapter 1."
+    """Plain SGD with a hand-derived `gradient_fn(X, y, *θ)`: θ ← θ − lr·g_batch over shuffled minibatches;
+    returns θ and [(examples seen, loss)]. Defined in chapter 1."""
     theta = [t.detach().clone() for t in theta]
     loader = DeviceLoader(x, y, batch_size=batch_size, shuffle=True, generator=generator)
     eval_x, eval_y = eval_data if eval_data is not None else (x, y)
@@ -232,7 +257,8 @@ def minibatch_sgd(gradient_fn, theta, x, y, lr: float, batch_size: int, epochs: 
 
 # %% ../nbs/01_gradient_descent.ipynb #9993edca
 class SGD(Optimizer):
-    "Stochastic gradient descent with momentum, Nesterov, dampening and weight decay, built like `torch.optim.SGD`. Defined in chapter 1."
+    """Stochastic gradient descent with momentum, Nesterov, dampening and weight decay, built like
+    `torch.optim.SGD`. Defined in chapter 1."""
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
         if lr < 0.0: raise ValueError(f"Invalid learning rate: {lr}")
@@ -270,7 +296,8 @@ class SGD(Optimizer):
 
 # %% ../nbs/01_gradient_descent.ipynb #a606fe2c
 def optimizer_trajectory(make_optimizer, params, loss_fn, steps: int = 200):
-    "Run `steps` steps of `make_optimizer(params)` on `loss_fn(params, step)`, using copies of `params`; returns every θ visited, shape (steps+1, n). Defined in chapter 1."
+    """Run `steps` steps of `make_optimizer(params)` on `loss_fn(params, step)`, using copies of `params`;
+    returns every θ visited, shape (steps+1, n). Defined in chapter 1."""
     params = [p.detach().clone().requires_grad_() for p in params]
     optimizer = make_optimizer(params)
     path = [torch.cat([p.detach().flatten() for p in params])]
@@ -313,25 +340,29 @@ class Adam(Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)     # m
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # v
-                    if group["amsgrad"]: state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 step = state["step"] = int(state["step"]) + 1   # int(): also reads torch's tensor-valued step
                 if weight_decay != 0:
                     if group["decoupled_weight_decay"]: p.mul_(1 - lr * weight_decay)   # AdamW: shrink θ itself
                     else: grad = grad.add(p, alpha=weight_decay)                         # Adam: L2 term in the gradient
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(grad, 1 - beta1)                               # m ← β1·m + (1 − β1)·g, rounded like PyTorch
+                m.lerp_(grad, 1 - beta1)                               # m ← β1·m + (1 − β1)·g, like PyTorch
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v ← β2·v + (1 − β2)·g²
                 if group["amsgrad"]:
                     v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
                 bias_correction1 = 1 - beta1 ** step
                 bias_correction2 = 1 - beta2 ** step
                 step_size = lr / bias_correction1
-                denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)  # ** 0.5, not math.sqrt: same rounding as PyTorch
+                # ** 0.5, not math.sqrt: same rounding as PyTorch
+                denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)
                 p.addcdiv_(m, denom, value=-step_size)
         return loss
 
 class AdamW(Adam):
-    "Adam with decoupled weight decay θ ← θ(1 − lr·λ) (default λ = 0.01), built like `torch.optim.AdamW`. Defined in chapter 1."
+    """Adam with decoupled weight decay θ ← θ(1 − lr·λ) (default λ = 0.01), built like `torch.optim.AdamW`.
+
+    Defined in chapter 1."""
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True)

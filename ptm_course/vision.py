@@ -31,7 +31,8 @@ __all__ = ['BLACK', 'MnistCNN', 'count_parameters', 'classification_loss', 'eval
 
 # %% ../nbs/04_mnist.ipynb #13ff3265
 class MnistCNN(nn.Module):
-    "The classic PyTorch MNIST CNN (pytorch/examples' `Net`): two 3x3 convs, max-pool, dropout, two linear layers; returns logits. Defined in chapter 4."
+    """The classic PyTorch MNIST CNN (pytorch/examples' `Net`): two 3x3 convs, max-pool, dropout, two linear
+    layers; returns logits. Defined in chapter 4."""
     def __init__(self, dropout1: float = 0.25, dropout2: float = 0.5):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, 1)
@@ -55,7 +56,8 @@ def count_parameters(model: nn.Module) -> int:
 
 # %% ../nbs/04_mnist.ipynb #caa8eb41
 def classification_loss(label_smoothing: float = 0.0, augment=None):
-    "A `loss_fn(model, batch)` for `train()`: cross-entropy of the logits on `(images, labels)` batches, images passed through `augment` if given."
+    """A `loss_fn(model, batch)` for `train()`: cross-entropy of the logits on `(images, labels)` batches,
+    images passed through `augment` if given."""
     def loss_fn(model, batch):
         x, y = batch
         if augment is not None: x = augment(x)
@@ -81,13 +83,15 @@ def evaluate_classifier(model: nn.Module, loader) -> dict[str, float]:
     return {"test_loss": loss/total, "accuracy": 100.0*correct/total}
 
 def time_seed_loop(batch_size: int, steps: int, lr: float = 0.01, device=None, seed: int = 0) -> dict:
-    "Time `steps` SGD steps of the classic MNIST loop (torchvision DataLoader, `MnistCNN`) at `batch_size`; returns seconds per step and per epoch."
+    """Time `steps` SGD steps of the classic MNIST loop (torchvision DataLoader, `MnistCNN`) at `batch_size`;
+    returns seconds per step and per epoch."""
     device = get_device(device)
     seed_everything(seed)
     loader = mnist_dataloader(train=True, batch_size=batch_size, shuffle=True)
     model = MnistCNN().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    train(model, optimizer, loader, classification_loss(), max_steps=2, device=device, desc="warm-up")  # first-call costs out of the clock
+    # first-call costs out of the clock
+    train(model, optimizer, loader, classification_loss(), max_steps=2, device=device, desc="warm-up")
     start = time.perf_counter()
     train(model, optimizer, loader, classification_loss(), max_steps=steps, device=device, desc=f"batch {batch_size}")
     seconds = time.perf_counter() - start
@@ -97,16 +101,19 @@ def time_seed_loop(batch_size: int, steps: int, lr: float = 0.01, device=None, s
 
 # %% ../nbs/04_mnist.ipynb #dba421fc
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr, total_steps: int, pct_start: float = 0.25, **kwargs):
-    "`OneCycleLR` (warm up to `max_lr`, then anneal), made safe for runs of very few steps (constant rate below 4 steps)."
+    """`OneCycleLR` (warm up to `max_lr`, then anneal), made safe for runs of very few steps (constant rate
+    below 4 steps)."""
     if total_steps < 4:  # too short to warm up and anneal: hold max_lr
         peaks = max_lr if isinstance(max_lr, (list, tuple)) else [max_lr]*len(optimizer.param_groups)
         for group, peak in zip(optimizer.param_groups, peaks): group["lr"] = peak
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     pct_start = min(max(pct_start, 1.5/total_steps), 1 - 1.5/total_steps)  # each phase at least one whole step
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, **kwargs)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+                                               **kwargs)
 
 def fast_layout(model: nn.Module, device) -> nn.Module:
-    "`model` on `device`, in the channels_last memory layout on CPUs (oneDNN's convolutions and max-pools are much faster in it)."
+    """`model` on `device`, in the channels_last memory layout on CPUs (oneDNN's convolutions and max-pools are
+    much faster in it)."""
     device = torch.device(device)
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
@@ -115,7 +122,8 @@ def mnist_classifier_loaders(x_train, y_train, x_test, y_test, batch_size: int =
                              eval_batch_size: int = 1000):
     "A shuffled training `DeviceLoader` (seeded) and an ordered test `DeviceLoader` over tensors already on the device."
     g = torch.Generator().manual_seed(seed)
-    train_loader = DeviceLoader(x_train, y_train, batch_size=batch_size, shuffle=True, drop_last=len(x_train) > batch_size, generator=g)
+    train_loader = DeviceLoader(x_train, y_train, batch_size=batch_size, shuffle=True,
+                                drop_last=len(x_train) > batch_size, generator=g)
     test_loader = DeviceLoader(x_test, y_test, batch_size=eval_batch_size, shuffle=False)
     return train_loader, test_loader
 
@@ -173,7 +181,8 @@ def center_crop(x: torch.Tensor, side: int = 24) -> torch.Tensor:
     return x[..., top:top + side, left:left + side]
 
 class FastCNN(nn.Module):
-    "Our fast MNIST CNN: 5x5 conv + max-pool + BN, 3x3 conv + max-pool + BN, one hidden layer; reads 24x24 centre crops. Defined in chapter 4."
+    """Our fast MNIST CNN: 5x5 conv + max-pool + BN, 3x3 conv + max-pool + BN, one hidden layer; reads 24x24
+    centre crops. Defined in chapter 4."""
     def __init__(self, channels: tuple[int, int] = (16, 32), hidden: int = 128, side: int = 24):
         super().__init__()
         c1, c2 = channels
@@ -190,7 +199,8 @@ class FastCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
 class PublicFastCNN(nn.Module):
-    "The network of the fastest public MNIST recipe we know: conv 5x5x24, conv 3x3x32, max-pools, fc 800-256-10 (logits)."
+    """The network of the fastest public MNIST recipe we know: conv 5x5x24, conv 3x3x32, max-pools, fc
+    800-256-10 (logits)."""
     def __init__(self):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(1, 24, 5, 1), nn.Conv2d(24, 32, 3, 1)
@@ -209,7 +219,8 @@ def time_train_step(model: nn.Module, batch_size: int, side: int = 28, channels_
     model = model.to(device)
     x = torch.randn(batch_size, 1, side, side, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    if channels_last: model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -229,9 +240,10 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
     return 100.0*(predict(model, x, batch_size) == y).float().mean().item()
 
 def train_fast_mnist(x_train, y_train, x_test, y_test, *, seed: int = 0, epochs: float = 1, batch_size: int = 512,
-                     lr: float = 0.02, label_smoothing: float = 0.1, channels: tuple[int, int] = (16, 32), hidden: int = 128,
-                     side: int = 24, device=None) -> tuple[nn.Module, float]:
-    "Our fast recipe: `FastCNN` on 24x24 crops, channels_last, batch 512, Adam + one-cycle, label smoothing; returns (model, test accuracy %)."
+                     lr: float = 0.02, label_smoothing: float = 0.1, channels: tuple[int, int] = (16, 32),
+                     hidden: int = 128, side: int = 24, device=None) -> tuple[nn.Module, float]:
+    """Our fast recipe: `FastCNN` on 24x24 crops, channels_last, batch 512, Adam + one-cycle, label smoothing;
+    returns (model, test accuracy %)."""
     device = get_device(device)
     seed_everything(seed)
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -249,7 +261,8 @@ def train_fast_mnist(x_train, y_train, x_test, y_test, *, seed: int = 0, epochs:
 
 # %% ../nbs/04_mnist.ipynb #8091cc06
 class ConvEncoder(nn.Module):
-    "Image `(N, 1, 28, 28)` -> code `(N, code_dim)`: two conv + BatchNorm + ReLU + max-pool blocks and a linear layer. Defined in chapter 4."
+    """Image `(N, 1, 28, 28)` -> code `(N, code_dim)`: two conv + BatchNorm + ReLU + max-pool blocks and a
+    linear layer. Defined in chapter 4."""
     def __init__(self, code_dim: int = 32, channels: tuple[int, int] = (16, 32)):
         super().__init__()
         c1, c2 = channels
@@ -263,7 +276,8 @@ class ConvEncoder(nn.Module):
     def forward(self, x): return self.to_code(self.features(x))
 
 class ConvDecoder(nn.Module):
-    "Code `(N, code_dim)` -> image `(N, 1, 28, 28)`: a linear layer and two transposed convolutions (7 -> 14 -> 28). Defined in chapter 4."
+    """Code `(N, code_dim)` -> image `(N, 1, 28, 28)`: a linear layer and two transposed convolutions (7 -> 14
+    -> 28). Defined in chapter 4."""
     def __init__(self, code_dim: int = 32, channels: tuple[int, int] = (16, 32)):
         super().__init__()
         c1, c2 = channels
@@ -287,7 +301,8 @@ class Autoencoder(nn.Module):
 BLACK = (0.0 - MNIST_MEAN)/MNIST_STD  # the value of a black pixel after normalization
 
 def random_affine(x: torch.Tensor, rotate: float = 15.0, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
-    "Each image rotated by up to ±`rotate` degrees, scaled by up to ±`scale`, shifted by up to ±`shift` of its size; black fill."
+    """Each image rotated by up to ±`rotate` degrees, scaled by up to ±`scale`, shifted by up to ±`shift` of its
+    size; black fill."""
     n = x.shape[0]
     u = lambda: torch.rand(n, device=x.device)*2 - 1
     angle, s = u()*rotate*math.pi/180, 1 + u()*scale
@@ -305,22 +320,26 @@ def mask_patches(x: torch.Tensor, ratio: float = 0.3, patch: int = 4) -> torch.T
     keep = keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
     return torch.where(keep, x, torch.full_like(x, BLACK))
 
-def corrupt(x: torch.Tensor, rotate: float = 15.0, scale: float = 0.1, shift: float = 0.1, mask_ratio: float = 0.3) -> torch.Tensor:
+def corrupt(x: torch.Tensor, rotate: float = 15.0, scale: float = 0.1, shift: float = 0.1,
+            mask_ratio: float = 0.3) -> torch.Tensor:
     "The denoising autoencoder's corruption: a random small affine transform, then random patches blacked out."
     return mask_patches(random_affine(x, rotate, scale, shift), mask_ratio)
 
 # %% ../nbs/04_mnist.ipynb #2a1c909f
 def denoising_loss(corruption=corrupt):
-    "A `loss_fn(model, batch)` for `train()`: `reconstruction_loss` of the autoencoder's output on corrupted images against the clean ones."
+    """A `loss_fn(model, batch)` for `train()`: `reconstruction_loss` of the autoencoder's output on corrupted
+    images against the clean ones."""
     def loss_fn(model, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return reconstruction_loss(model(corruption(x)), x)
     return loss_fn
 
 def pretrain_autoencoder(x_unlabelled: torch.Tensor, *, code_dim: int = 32, epochs: float = 12, batch_size: int = 256,
-                         lr: float = 2e-3, seed: int = 0, device=None, corruption=corrupt, eval_images: torch.Tensor | None = None,
+                         lr: float = 2e-3, seed: int = 0, device=None, corruption=corrupt,
+                         eval_images: torch.Tensor | None = None,
                          desc: str = "pretrain") -> tuple[Autoencoder, History]:
-    "Pretrain a `ConvEncoder`/`ConvDecoder` denoising autoencoder on unlabelled images with `train()`; returns (autoencoder, history)."
+    """Pretrain a `ConvEncoder`/`ConvDecoder` denoising autoencoder on unlabelled images with `train()`; returns
+    (autoencoder, history)."""
     device = get_device(device)
     seed_everything(seed)
     model = fast_layout(Autoencoder(ConvEncoder(code_dim), ConvDecoder(code_dim)), device)
@@ -332,8 +351,8 @@ def pretrain_autoencoder(x_unlabelled: torch.Tensor, *, code_dim: int = 32, epoc
     eval_loader = None
     if eval_images is not None: eval_loader = DeviceLoader(eval_images, batch_size=1000, shuffle=False)
     eval_fn = (lambda m, l: {"clean_val_loss": float(np.mean([reconstruction_loss(m(b[0]), b[0]).item() for b in l]))})
-    history = train(model, optimizer, loader, denoising_loss(corruption), epochs=None, max_steps=steps, scheduler=scheduler,
-                    eval_loader=eval_loader, eval_fn=eval_fn if eval_loader is not None else None,
+    history = train(model, optimizer, loader, denoising_loss(corruption), epochs=None, max_steps=steps,
+                    scheduler=scheduler, eval_loader=eval_loader, eval_fn=eval_fn if eval_loader is not None else None,
                     eval_every=len(loader) if eval_loader is not None else None, device=device, desc=desc)
     return model, history
 
@@ -348,7 +367,8 @@ class EncoderClassifier(nn.Module):
     def forward(self, x): return self.head(F.relu(self.encoder(x)))
 
 def transfer_encoder(autoencoder: Autoencoder | None, code_dim: int = 32) -> EncoderClassifier:
-    "A classifier whose encoder is a copy of `autoencoder`'s (pretrained), or a freshly initialized one if None (from scratch)."
+    """A classifier whose encoder is a copy of `autoencoder`'s (pretrained), or a freshly initialized one if
+    None (from scratch)."""
     encoder = copy.deepcopy(autoencoder.encoder) if autoencoder is not None else ConvEncoder(code_dim)
     return EncoderClassifier(encoder)
 
@@ -364,10 +384,12 @@ def balanced_subset(y: torch.Tensor, n: int, seed: int = 0, n_classes: int = 10)
         picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.cat(picks).to(y.device)
 
-def finetune(model: EncoderClassifier, x_labelled, y_labelled, x_test, y_test, *, probe_steps: int = 200, probe_lr: float = 1e-2,
-             lr: float = 3e-4, min_steps: int = 300, min_epochs: float = 2, batch_size: int = 128, evaluations: int = 5,
-             augment=None, seed: int = 0, device=None, desc: str = "fine-tune") -> History:
-    "Linear probe, then fine-tune: train the head alone for `probe_steps`, then every weight (AdamW, one-cycle) with `train()`."
+def finetune(model: EncoderClassifier, x_labelled, y_labelled, x_test, y_test, *, probe_steps: int = 200,
+             probe_lr: float = 1e-2, lr: float = 3e-4, min_steps: int = 300, min_epochs: float = 2,
+             batch_size: int = 128, evaluations: int = 5, augment=None, seed: int = 0, device=None,
+             desc: str = "fine-tune") -> History:
+    """Linear probe, then fine-tune: train the head alone for `probe_steps`, then every weight (AdamW,
+    one-cycle) with `train()`."""
     device = get_device(device)
     seed_everything(seed)
     model = fast_layout(model, device)
@@ -388,15 +410,17 @@ def finetune(model: EncoderClassifier, x_labelled, y_labelled, x_test, y_test, *
         rows = [dict(r, phase="probe") for r in probe.rows]
     steps = max(min_steps, math.ceil(min_epochs*len(loader)))  # 2. fine-tuning: every weight learns
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    tuned = train(model, optimizer, loader, loss_fn, epochs=None, max_steps=steps, scheduler=one_cycle(optimizer, lr, steps, pct_start=0.1),
-                  eval_loader=test_loader, eval_fn=evaluate_classifier, eval_every=max(1, steps//evaluations), device=device, desc=desc)
+    tuned = train(model, optimizer, loader, loss_fn, epochs=None, max_steps=steps,
+                  scheduler=one_cycle(optimizer, lr, steps, pct_start=0.1), eval_loader=test_loader,
+                  eval_fn=evaluate_classifier, eval_every=max(1, steps//evaluations), device=device, desc=desc)
     offset = len(rows)
     return History(rows + [dict(r, step=r["step"] + offset, phase="fine-tune") for r in tuned.rows])
 
 # %% ../nbs/04_mnist.ipynb #3997a355
 def cached_autoencoder(x_unlabelled: torch.Tensor, *, epochs: float, code_dim: int = 32, seed: int = 0, device=None,
                        cache: Path | None = None, **kwargs) -> tuple[Autoencoder, History | None]:
-    "Load the pretrained autoencoder for these settings from the cache if present, else pretrain it and save it (safetensors)."
+    """Load the pretrained autoencoder for these settings from the cache if present, else pretrain it and save
+    it (safetensors)."""
     from safetensors.torch import save_model
     from ptm_course.core import cache_dir
     device = get_device(device)
@@ -407,7 +431,8 @@ def cached_autoencoder(x_unlabelled: torch.Tensor, *, epochs: float, code_dim: i
         load_weights(model, path)
         hist_path = path.with_suffix(".history.json")
         return model.eval(), History.from_json(hist_path) if hist_path.exists() else None
-    model, history = pretrain_autoencoder(x_unlabelled, code_dim=code_dim, epochs=epochs, seed=seed, device=device, **kwargs)
+    model, history = pretrain_autoencoder(x_unlabelled, code_dim=code_dim, epochs=epochs, seed=seed, device=device,
+                                          **kwargs)
     save_model(model, str(path))
     history.to_json(path.with_suffix(".history.json"))
     return model.eval(), history
@@ -469,21 +494,24 @@ def nearest_neighbour_accuracy(train_features, train_labels, test_features, test
 # %% ../nbs/04_mnist.ipynb #e0d42dc6
 def label_efficiency(autoencoder: Autoencoder, x_train, y_train, x_test, y_test, label_counts=(100, 1000, 60000),
                      seeds=(0, 1, 2), device=None, **finetune_kwargs) -> dict:
-    "Fine-tune the pretrained encoder and the same network from scratch for each label count and seed; returns {(start, n, seed): (history, model)}."
+    """Fine-tune the pretrained encoder and the same network from scratch for each label count and seed; returns
+    {(start, n, seed): (history, model)}."""
     results = {}
     for n in label_counts:
         for seed in seeds:
             idx = balanced_subset(y_train, n, seed)
             for start in ("pretrained", "scratch"):
                 seed_everything(seed)  # the same head initialization for both starts
-                model = transfer_encoder(autoencoder if start == "pretrained" else None, getattr(autoencoder.encoder, "code_dim", 32))
+                model = transfer_encoder(autoencoder if start == "pretrained" else None,
+                                         getattr(autoencoder.encoder, "code_dim", 32))
                 history = finetune(model, x_train[idx], y_train[idx], x_test, y_test, seed=seed, device=device,
                                    desc=f"{start} {min(n, len(y_train))} labels seed {seed}", **finetune_kwargs)
                 results[(start, min(n, len(y_train)), seed)] = (history, model)
     return results
 
 def efficiency_table(results: dict) -> list[dict]:
-    "One row per label count: mean and std (over seeds) of the final test accuracy, pretrained and from scratch, and the gain."
+    """One row per label count: mean and std (over seeds) of the final test accuracy, pretrained and from
+    scratch, and the gain."""
     rows = []
     for n in sorted({n for _, n, _ in results}):
         row = {"labels": n}

@@ -14,8 +14,8 @@ import torch
 
 from .mnist import _seeded
 from .objectives import (
-    _call, _check_masking, _collator_stats, _compare, _expect_unchanged, _generator, _mlm_hint, _names, _quiet_transformers,
-    _single_threaded, _tokenizer, _z)
+    _call, _check_masking, _collator_stats, _compare, _expect_unchanged, _generator, _mlm_hint, _names,
+    _quiet_transformers, _single_threaded, _tokenizer, _z)
 from ..exercises import Fail, checker, expect_number, expect_tensor, relative_error
 
 # %% auto #0
@@ -23,45 +23,53 @@ __all__ = ['check_mask_tokens_8010', 'check_extended_attention_mask', 'check_mea
 
 # %% ../../nbs/94_checks_bert.ipynb #50a3a227
 def _returns_pair(fn):
-    "`fn` through `_call`, failing unless it returns a pair: chapter 3's `_check_masking` then reports under this exercise's name."
+    """`fn` through `_call`, failing unless it returns a pair: chapter 3's `_check_masking` then reports under
+    this exercise's name."""
     def run(*args, **kwargs):
         out = _call(fn, *args, **kwargs)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-            raise Fail(f"mask_tokens_8010 should return a tuple (inputs, labels), got {got}", "end the function with: return inputs, labels")
+            raise Fail(f"mask_tokens_8010 should return a tuple (inputs, labels), got {got}",
+                       "end the function with: return inputs, labels")
         return out
     return run
 
 @checker
 @_single_threaded
 def check_mask_tokens_8010(fn, seed: int = 0):
-    "Check `fn(input_ids, tokenizer, generator, mlm_probability=0.15)` against DataCollatorForLanguageModeling's statistics."
+    """Check `fn(input_ids, tokenizer, generator, mlm_probability=0.15)` against
+    DataCollatorForLanguageModeling's statistics."""
     tokenizer, masking = _tokenizer(), _returns_pair(fn)
     cases = [(0.15, 256, 128), (0.4, 96, 96)]
-    with torch.random.fork_rng(devices=[]):  # whatever the learner's function draws, its global random state stays as it was
+    # whatever the learner's function draws, its global random state stays as it was
+    with torch.random.fork_rng(devices=[]):
         for case, (p, batch, length) in enumerate(cases, 1):
             run = _check_masking(masking, tokenizer, p, batch, length, seed + 100 + 10 * case, case)
             s, c = run["stats"], _collator_stats(p, batch, length, seed + 100 + 10 * case)
-            off = [k for k, n in (("selected", "n_ordinary"), ("mask", "n_selected"), ("random", "n_selected"), ("unchanged", "n_selected"))
+            off = [k for k, n in (("selected", "n_ordinary"), ("mask", "n_selected"), ("random", "n_selected"),
+                                  ("unchanged", "n_selected"))
                    if _z(s[k], s[n], c[k], c[n]) > 5]
             if off:
-                raise Fail(f"case {case} (mlm_probability={p}): you selected {s['selected']:.1%} of {s['n_ordinary']} ordinary tokens, "
-                           f"and turned {s['mask']:.1%} of those into [MASK], {s['random']:.1%} into random tokens, left {s['unchanged']:.1%} "
-                           f"unchanged; the {_names(off)} differ{'s' if len(off) == 1 else ''} from DataCollatorForLanguageModeling's "
-                           "by more than 5 standard errors", _mlm_hint(s, p))
+                raise Fail(f"case {case} (mlm_probability={p}): you selected {s['selected']:.1%} of {s['n_ordinary']} "
+                           f"ordinary tokens, and turned {s['mask']:.1%} of those into [MASK], {s['random']:.1%} into "
+                           f"random tokens, left {s['unchanged']:.1%} unchanged; the {_names(off)} "
+                           f"differ{'s' if len(off) == 1 else ''} from DataCollatorForLanguageModeling's by more than "
+                           f"5 standard errors", _mlm_hint(s, p))
         ids, kwargs = run["ids"], run["kwargs"]
         state = torch.get_rng_state()
         again = masking(ids.clone(), tokenizer, **(kwargs | {"generator": _generator(seed + 122)}))
         if not torch.equal(torch.get_rng_state(), state):
             raise Fail("your function drew random numbers from torch's global random state, not only from `generator`",
-                       "pass generator=generator to every torch.rand / torch.randint / torch.bernoulli / torch.randperm call")
+                       "pass generator=generator to every torch.rand / torch.randint / torch.bernoulli / "
+                       "torch.randperm call")
         other = masking(ids.clone(), tokenizer, **(kwargs | {"generator": _generator(seed + 123)}))
-        same = lambda a, b: all(isinstance(x, torch.Tensor) and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+        same = lambda a, b: all(
+            isinstance(x, torch.Tensor) and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
         if not same(again, run["out"]) or same(other, run["out"]):
             raise Fail("the same generator seed gave different results, or different seeds the same result",
                        "draw every random number from the generator you are given, in the same order every time")
-    return ("BERT's 80/10/10 rule within binomial tolerance of DataCollatorForLanguageModeling (mlm_probability 0.15 and 0.4), "
-            "special tokens and padding untouched, reproducible from the generator alone")
+    return ("BERT's 80/10/10 rule within binomial tolerance of DataCollatorForLanguageModeling (mlm_probability 0.15 "
+            "and 0.4), special tokens and padding untouched, reproducible from the generator alone")
 
 # %% ../../nbs/94_checks_bert.ipynb #7c0fcfe5
 @functools.lru_cache(maxsize=1)
@@ -96,17 +104,21 @@ def _mask_batch(lengths: list[int], n: int, left: bool) -> torch.Tensor:
     return (pos < torch.tensor(lengths)[:, None]).long()
 
 def _expect_additive_mask(value, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    "`value` if it is a floating-point tensor of `shape` and `dtype`; otherwise `Fail` with a hint on the shape or dtype."
+    """`value` if it is a floating-point tensor of `shape` and `dtype`; otherwise `Fail` with a hint on the
+    shape or dtype."""
     b, n = shape[0], shape[-1]
     if isinstance(value, torch.Tensor) and not value.is_floating_point():
         raise Fail(f"your mask has dtype {value.dtype}, expected {dtype}",
-                   "BERT adds this mask to its attention scores: return a float tensor of the dtype asked for, "
-                   "0 where attended and torch.finfo(dtype).min where padded" + (" (a boolean mask is what F.scaled_dot_product_attention "
+                   "BERT adds this mask to its attention scores: return a float tensor of the dtype asked for, 0 "
+                   "where attended and torch.finfo(dtype).min where "
+                   "padded" + (" (a boolean mask is what F.scaled_dot_product_attention "
                    "takes, not what BERT adds)" if value.dtype == torch.bool else ""))
     if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
         got = tuple(value.shape)
-        hint = ("add the two dimensions the scores are broadcast over: mask[:, None, None, :] has shape (batch, 1, 1, seq)" if got == (b, n) else
-                "the sequence runs along the keys, the last axis of the (batch, heads, queries, keys) scores: (batch, 1, 1, seq)"
+        hint = ("add the two dimensions the scores are broadcast over: mask[:, None, None, :] has shape (batch, 1, 1, "
+                "seq)" if got == (b, n) else
+                "the sequence runs along the keys, the last axis of the (batch, heads, queries, keys) scores: (batch, "
+                "1, 1, seq)"
                 if len(got) == 4 and got[0] == b and got[-1] == 1 else
                 "4 dimensions, to broadcast over the (batch, heads, queries, keys) scores: (batch, 1, 1, seq)")
         raise Fail(f"your mask has shape {got}, expected {shape}", hint)
@@ -124,10 +136,11 @@ def _mask_hint(got: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> str
     all_equal = lambda t, v: bool(t.numel()) and bool((t == v).all())
     low = torch.finfo(dtype).min
     if all_equal(at_real, 1.0) and all_equal(at_pad, 0.0):
-        return ("this is the 0/1 mask itself: the mask is added to the scores, not multiplied with them, and adding 1 or 0 "
-                "barely changes a softmax; use 0 where attended and a large negative number where padded")
+        return ("this is the 0/1 mask itself: the mask is added to the scores, not multiplied with them, and adding 1 "
+                "or 0 barely changes a softmax; use 0 where attended and a large negative number where padded")
     if all_equal(at_real, 0.0) and all_equal(at_pad, 1.0):
-        return "1 - mask marks the padding, but a penalty of 1 hardly changes the softmax: multiply it by torch.finfo(dtype).min"
+        return ("1 - mask marks the padding, but a penalty of 1 hardly changes the softmax: multiply it by "
+                "torch.finfo(dtype).min")
     if at_real.numel() and bool((at_real < -1e3).all()) and all_equal(at_pad, 0.0):
         return ("reversed: the large negative goes where attention_mask is 0 (padding) and 0 where it is 1: "
                 "(1 - attention_mask) * torch.finfo(dtype).min")
@@ -136,18 +149,22 @@ def _mask_hint(got: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> str
         if c == float("-inf"):
             return ("-inf where padded: a row of padding only then has no finite score, and softmax returns NaN; "
                     "torch.finfo(dtype).min is finite" + ("" if dtype == torch.float32 else
-                    " (a float32 minimum, or -1e9, cast to float16 overflows to -inf: take the minimum of the dtype asked for)"))
-        return (f"the padded positions hold {c:g}; use torch.finfo(dtype).min ({low:g} for {str(dtype).replace('torch.', '')}), "
-                "the most negative number the dtype holds, as transformers does: no score can outweigh it")
+                    " (a float32 minimum, or -1e9, cast to float16 overflows to -inf: take the minimum of the dtype "
+                    "asked for)"))
+        return (f"the padded positions hold {c:g}; use torch.finfo(dtype).min ({low:g} for "
+                f"{str(dtype).replace('torch.', '')}), the most negative number the dtype holds, as transformers "
+                f"does: no score can outweigh it")
     return "0 where attention_mask is 1, torch.finfo(dtype).min where it is 0, in the dtype asked for"
 
 @checker
 @_single_threaded
 def check_extended_attention_mask(fn, seed: int = 0):
-    "Check `fn(attention_mask, dtype)`: (batch, 1, 1, seq), 0 / dtype min, against transformers' own mask and a tiny BertModel."
+    """Check `fn(attention_mask, dtype)`: (batch, 1, 1, seq), 0 / dtype min, against transformers' own mask and
+    a tiny BertModel."""
     gen = _generator(seed)
     cases = [([9, 5, 1, 7], 9, False, torch.float32), ([8, 0, 3], 8, False, torch.float32),
-             ([6, 2, 4, 5, 1], 6, True, torch.float32), ([7, 3], 7, False, torch.float16), ([5, 2, 4], 5, True, torch.bfloat16)]
+             ([6, 2, 4, 5, 1], 6, True, torch.float32), ([7, 3], 7, False, torch.float16),
+             ([5, 2, 4], 5, True, torch.bfloat16)]
     model = _tiny_bert()  # its forward builds its own mask from the 2-D one; _encode gives its encoder the learner's
     for case, (lengths, n, left, dtype) in enumerate(cases, 1):
         mask = _mask_batch(lengths, n, left)
@@ -163,15 +180,17 @@ def check_extended_attention_mask(fn, seed: int = 0):
             got_out = _encode(got.clone(), ids)
             real = mask.bool()
             if not torch.isfinite(got_out[real]).all() or not torch.allclose(got_out[real], want_out[real], atol=1e-5):
-                bad = "NaN" if torch.isnan(got_out[real]).any() else f"relative error {relative_error(got_out[real], want_out[real]):.1e}"
-                raise Fail(f"{where}: with your mask, a tiny BertModel's outputs at the real tokens are not those it computes "
-                           f"with its own mask ({bad})", _mask_hint(got, mask, dtype))
+                bad = "NaN" if torch.isnan(got_out[real]).any() else (
+                    f"relative error {relative_error(got_out[real], want_out[real]):.1e}")
+                raise Fail(f"{where}: with your mask, a tiny BertModel's outputs at the real tokens are not those it "
+                           f"computes with its own mask ({bad})", _mask_hint(got, mask, dtype))
         want = _transformers_mask(mask, dtype)
         if not torch.equal(got, want):
             wrong = int((got != want).sum())
-            raise Fail(f"{where}: {wrong} of {want.numel()} values differ from transformers' mask", _mask_hint(got, mask, dtype))
-    return (f"equals transformers' additive mask on {len(cases)} batches (float32, float16, bfloat16, left and right padding), "
-            "and a tiny BertModel given your mask ignores the padding")
+            raise Fail(f"{where}: {wrong} of {want.numel()} values differ from transformers' mask",
+                       _mask_hint(got, mask, dtype))
+    return (f"equals transformers' additive mask on {len(cases)} batches (float32, float16, bfloat16, left and right "
+            f"padding), and a tiny BertModel given your mask ignores the padding")
 
 # %% ../../nbs/94_checks_bert.ipynb #0fd3e553
 def _pooling_variants(hidden, mask) -> dict:
@@ -180,7 +199,8 @@ def _pooling_variants(hidden, mask) -> dict:
     total = (hidden * m).sum(1)
     return {
         "the padding is included: average over the real tokens only (attention_mask 1)": hidden.mean(1),
-        "you divided by the sequence length: divide each sequence's sum by its own number of real tokens, attention_mask.sum(1)":
+        "you divided by the sequence length: divide each sequence's sum by its own number of real tokens, "
+        "attention_mask.sum(1)":
             total / hidden.shape[1],
         "you divided by the number of real tokens in the whole batch: each sequence by its own count, "
         "attention_mask.sum(1, keepdim=True)": total / m.sum(),
@@ -194,14 +214,16 @@ def _pooling_variants(hidden, mask) -> dict:
 @checker
 @_single_threaded
 def check_mean_pooling(fn, seed: int = 0):
-    "Check `fn(last_hidden_state, attention_mask)`, the mean over real tokens, against the row-by-row mean of the real token vectors."
+    """Check `fn(last_hidden_state, attention_mask)`, the mean over real tokens, against the row-by-row mean of
+    the real token vectors."""
     gen = _generator(seed)
     cases = [([10, 3, 7, 1], 10, 6, False), ([8, 2, 5], 8, 5, True), ([7, 7, 4, 1, 2], 7, 12, False)]
     got, want, variants = [], [], []
     for lengths, n, h, left in cases:
         mask = _mask_batch(lengths, n, left)
         hidden = torch.randn(len(lengths), n, h, generator=gen)
-        hidden = torch.where(mask[..., None].bool(), hidden, 4.0 + torch.randn(hidden.shape, generator=gen))  # padding is not zero
+        # padding is not zero
+        hidden = torch.where(mask[..., None].bool(), hidden, 4.0 + torch.randn(hidden.shape, generator=gen))
         leaf = hidden.clone().requires_grad_(True)
         before = {"last_hidden_state": hidden, "attention_mask": mask.clone()}
         out = _call(fn, leaf, mask)
@@ -212,14 +234,18 @@ def check_mean_pooling(fn, seed: int = 0):
         _expect_unchanged(before, {"last_hidden_state": leaf.detach(), "attention_mask": mask})
         if not out.requires_grad:
             raise Fail("your result carries no gradient, so a head trained on it could not fine-tune the encoder",
-                       "compute it with torch operations on last_hidden_state, without .detach(), .item(), torch.no_grad() or NumPy")
+                       "compute it with torch operations on last_hidden_state, without .detach(), .item(), "
+                       "torch.no_grad() or NumPy")
         got.append(checked)
         want.append(torch.stack([x[k.bool()].double().mean(0) for x, k in zip(hidden, mask)]).float())
         variants.append(_pooling_variants(hidden, mask))
-    where = lambda i: f"{len(cases[i][0])} sequences of {cases[i][1]} tokens padded on the {'left' if cases[i][3] else 'right'}"
-    _compare(got, want, variants, "your pooling", "sum the vectors where attention_mask is 1 and divide by how many there are, "
+    where = lambda i: (f"{len(cases[i][0])} sequences of {cases[i][1]} tokens padded on the "
+                       f"{'left' if cases[i][3] else 'right'}")
+    _compare(got, want, variants, "your pooling",
+             "sum the vectors where attention_mask is 1 and divide by how many there are, "
              "per sequence", where=where)
-    return f"matches the mean of the real token vectors on {len(cases)} batches, left and right padding, padding far from zero"
+    return (f"matches the mean of the real token vectors on {len(cases)} batches, left and right padding, padding "
+            f"far from zero")
 
 # %% ../../nbs/94_checks_bert.ipynb #4cbf19d3
 def _transformers_schedule(base_lr: float, warmup: int, total: int, extra: int = 3) -> list[float]:
@@ -249,14 +275,16 @@ def _linear_schedule(base, W, T, extra=3, ahead=False, from_zero=False, decay=Tr
 _WARMUP_MISTAKES = {
     "off by one: in transformers' schedule step 0 has a rate of 0 and the warmup rate is base_lr * step / warmup_steps "
     "((step + 1) / warmup_steps is torch's LinearLR, chapter 1's convention)": dict(ahead=True),
-    "the decay starts at the end of warmup: base_lr * (total_steps - step) / (total_steps - warmup_steps)": dict(from_zero=True),
+    "the decay starts at the end of warmup: base_lr * (total_steps - step) / (total_steps - warmup_steps)":
+        dict(from_zero=True),
     "after warmup the rate decays linearly, to 0 at total_steps": dict(decay=False),
     "after total_steps the rate stays at 0; it never goes negative (max(0, ...))": dict(clamp=False),
 }
 
 @checker
 def check_linear_warmup(fn):
-    "Check `fn(step, base_lr, warmup_steps, total_steps)` at every step against transformers.get_linear_schedule_with_warmup."
+    """Check `fn(step, base_lr, warmup_steps, total_steps)` at every step against
+    transformers.get_linear_schedule_with_warmup."""
     cases = [(0.1, 5, 50), (5e-5, 10, 100), (1.0, 0, 20), (3e-4, 1, 12), (2e-5, 30, 40)]
     for base, W, T in cases:
         want = _transformers_schedule(base, W, T)
@@ -272,8 +300,12 @@ def check_linear_warmup(fn):
             s = bad[0]
             phase = "warmup" if s < W else "decay" if s <= T else "after total_steps"
             hint = next((h for h, kw in _WARMUP_MISTAKES.items()
-                         if all(abs(g - v) <= 1e-9 + 1e-6 * base for g, v in zip(got, _linear_schedule(base, W, T, **kw)))), None)
-            raise Fail(f"{where}: the rate is wrong from step {s} ({phase}; off by {100 * abs(got[s] - want[s]) / base:.1f}% of base_lr), "
-                       f"at {len(bad)} of {len(want)} steps", hint or ("check the warmup formula" if phase == "warmup"
+                         if all(abs(g - v) <= 1e-9 + 1e-6 * base
+                                for g, v in zip(got, _linear_schedule(base, W, T, **kw)))),
+                        None)
+            raise Fail(f"{where}: the rate is wrong from step {s} ({phase}; off by "
+                       f"{100 * abs(got[s] - want[s]) / base:.1f}% of base_lr), at {len(bad)} of {len(want)} "
+                       f"steps", hint or ("check the warmup formula" if phase == "warmup"
                        else "check the decay: linear from base_lr at warmup_steps to 0 at total_steps, then 0"))
-    return f"matches transformers.get_linear_schedule_with_warmup at every step of {len(cases)} schedules, no warmup included"
+    return (f"matches transformers.get_linear_schedule_with_warmup at every step of {len(cases)} schedules, no "
+            f"warmup included")

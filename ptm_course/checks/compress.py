@@ -22,17 +22,21 @@ __all__ = ['check_quantize', 'check_dequantize', 'check_magnitude_prune', 'check
 
 # %% ../../nbs/95_checks_compress.ipynb #fdb37f71
 def _mistake(got: list, variants: list[dict], slack: float = 0.0) -> str | None:
-    "The hint of the first typical mistake (in `variants`, one dict per case) that explains every case of `got`, up to a fraction `slack` of entries."
+    """The hint of the first typical mistake (in `variants`, one dict per case) that explains every case of
+    `got`, up to a fraction `slack` of entries."""
     def explains(g, v): return v is not None and g.shape == v.shape and int((g != v).sum()) <= slack * g.numel()
     return next((h for h in variants[0] if all(explains(g, v[h]) for g, v in zip(got, variants))), None)
 
-def _expect_entries(got: list, want: list, variants: list[dict], what: str, fallback: str, where, detail=None, slack: float = 0.0) -> None:
-    "`Fail` unless every integer tensor of `got` equals its `want`; `detail(i)` says how case i is off, the hint names the mistake."
+def _expect_entries(got: list, want: list, variants: list[dict], what: str, fallback: str, where, detail=None,
+                    slack: float = 0.0) -> None:
+    """`Fail` unless every integer tensor of `got` equals its `want`; `detail(i)` says how case i is off, the
+    hint names the mistake."""
     bad = [i for i, (g, w) in enumerate(zip(got, want)) if not torch.equal(g, w)]
     if not bad: return
     i = bad[0]
     detail = detail or (lambda i: f"{int((got[i] != want[i]).sum())} of {want[i].numel()} values differ from PyTorch's")
-    raise Fail(f"{what} is wrong on {len(bad)} of {len(got)} cases, first on {where(i)}: {detail(i)}", _mistake(got, variants, slack) or fallback)
+    raise Fail(f"{what} is wrong on {len(bad)} of {len(got)} cases, first on {where(i)}: {detail(i)}",
+               _mistake(got, variants, slack) or fallback)
 
 # %% ../../nbs/95_checks_compress.ipynb #231f3cf1
 def _quant_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +44,8 @@ def _quant_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.min().clamp(max=0.0), x.max().clamp(min=0.0)
 
 def _qparams(x: torch.Tensor, bits: int) -> tuple[float, int]:
-    "(scale, zero_point) of affine quantization to [0, 2**bits - 1], in float32 as MinMaxObserver computes them; scale 1.0 for zeros."
+    """(scale, zero_point) of affine quantization to [0, 2**bits - 1], in float32 as MinMaxObserver computes
+    them; scale 1.0 for zeros."""
     qmax = 2**bits - 1
     lo, hi = _quant_range(x)
     if hi == lo: return 1.0, 0  # every value is 0: any positive scale will do, and 0 is the code of 0.0
@@ -49,7 +54,8 @@ def _qparams(x: torch.Tensor, bits: int) -> tuple[float, int]:
 
 def _torch_codes(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     "PyTorch's integer codes for `x` (int64): fake quantization's rounding and clamping, read back as codes."
-    fake = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 2**bits - 1)  # (clamp(round(x/s) + z) - z) * s
+    # (clamp(round(x/s) + z) - z) * s
+    fake = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 2**bits - 1)
     return (fake / scale).round().long() + zero_point
 
 def _quint8_codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | None:
@@ -67,7 +73,8 @@ def _near_tie(x: torch.Tensor, scale: float, band: float = 1e-3) -> torch.Tensor
 
 # %% ../../nbs/95_checks_compress.ipynb #88668a56
 def _quantize_cases(seed: int) -> list[tuple[str, torch.Tensor, int]]:
-    "(description, x, bits): weights with exact zeros, positive activations, negative values, 4 and 2 bits, a tensor of zeros."
+    """(description, x, bits): weights with exact zeros, positive activations, negative values, 4 and 2 bits, a
+    tensor of zeros."""
     gen = _generator(seed)
     weights = 0.05 * torch.randn(64, 48, generator=gen)
     weights.view(-1)[::7] = 0.0  # pruned weights: 0.0 must come back exactly
@@ -84,8 +91,8 @@ def _scale_variants(x: torch.Tensor, bits: int) -> dict:
     "The scales the typical mistakes compute, keyed by their hint."
     qmax, (lo, hi) = 2**bits - 1, _quant_range(x)
     return {
-        "the range must include 0: lo = min(x.min(), 0) and hi = max(x.max(), 0), so that 0.0 (padding, a ReLU's zeros, "
-        "pruned weights) is exactly representable; some of these tensors were all positive or all negative":
+        "the range must include 0: lo = min(x.min(), 0) and hi = max(x.max(), 0), so that 0.0 (padding, a ReLU's "
+        "zeros, pruned weights) is exactly representable; some of these tensors were all positive or all negative":
             float((x.max() - x.min()) / qmax),
         "2**bits codes are 2**bits - 1 steps apart: divide the range by 2**bits - 1": float((hi - lo) / 2**bits),
         "use all 2**bits codes, 0 to 2**bits - 1: divide the range by 2**bits - 1, not by 2**(bits - 1) - 1":
@@ -98,7 +105,8 @@ def _zero_point_variants(x: torch.Tensor, bits: int) -> dict:
     "The zero points the typical mistakes compute (from the right scale), keyed by their hint."
     (scale, zero_point), lo = _qparams(x, bits), float(_quant_range(x)[0])
     return {
-        "the codes are unsigned, 0 to 2**bits - 1 (as torch.quint8), not signed from -2**(bits - 1): zero_point = round(-min / scale)":
+        "the codes are unsigned, 0 to 2**bits - 1 (as torch.quint8), not signed from -2**(bits - 1): zero_point = "
+        "round(-min / scale)":
             zero_point - 2**(bits - 1),
         "round the zero point to the nearest integer, round(-min / scale); int() truncates it": int(-lo / scale),
         "zero_point = round(-min / scale), the code that 0.0 maps to: it is never negative": round(lo / scale),
@@ -109,10 +117,10 @@ def _code_variants(x: torch.Tensor, bits: int) -> dict:
     (scale, zero_point), qmax, lo = _qparams(x, bits), 2**bits - 1, float(_quant_range(x)[0])
     y = x.double() / scale
     return {
-        "round x / scale to the nearest integer with torch.round: floor (and int() or .to(torch.uint8), which truncate) "
-        "rounds down, one code off for about half the values": (y.floor() + zero_point).clamp(0, qmax),
-        "round x / scale to the nearest integer with torch.round before converting it: int(), .long() and .to(torch.uint8) "
-        "truncate toward 0": (y.trunc() + zero_point).clamp(0, qmax),
+        "round x / scale to the nearest integer with torch.round: floor (and int() or .to(torch.uint8), which "
+        "truncate) rounds down, one code off for about half the values": (y.floor() + zero_point).clamp(0, qmax),
+        "round x / scale to the nearest integer with torch.round before converting it: int(), .long() and "
+        ".to(torch.uint8) truncate toward 0": (y.trunc() + zero_point).clamp(0, qmax),
         "q = round(x / scale) + zero_point, with the zero point rounded first: round((x - min) / scale) differs, "
         "and 0.0 then does not come back as exactly 0": ((x.double() - lo) / scale).round().clamp(0, qmax),
         "add the zero point: q = round(x / scale) + zero_point": y.round().clamp(0, qmax),
@@ -126,7 +134,8 @@ def _expect_quantized(out, x: torch.Tensor, bits: int, where: str) -> tuple[torc
     "(q, scale, zero_point) if `out` has the right types and shape; otherwise `Fail` saying what came back."
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-        raise Fail(f"quantize should return a tuple (q, scale, zero_point), got {got}", "end the function with: return q, scale, zero_point")
+        raise Fail(f"quantize should return a tuple (q, scale, zero_point), got {got}",
+                   "end the function with: return q, scale, zero_point")
     q, scale, zero_point = out
     if not isinstance(q, torch.Tensor):
         raise Fail(f"{where}: q is a {type(q).__name__}, expected an integer tensor shaped like x",
@@ -136,10 +145,11 @@ def _expect_quantized(out, x: torch.Tensor, bits: int, where: str) -> tuple[torc
                    "one code per value of x: don't flatten or reduce it")
     if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         raise Fail(f"{where}: q has dtype {q.dtype}, expected an integer dtype",
-                   "the integer codes are the point of quantization (one byte each instead of four): after rounding and "
-                   "clamping, convert with .to(torch.uint8)")
+                   "the integer codes are the point of quantization (one byte each instead of four): after rounding "
+                   "and clamping, convert with .to(torch.uint8)")
     if q.dtype == torch.int8 and bits == 8:
-        raise Fail(f"{where}: q has dtype torch.int8, which holds -128 to 127, not the codes 0 to 255", "store 8-bit codes as torch.uint8")
+        raise Fail(f"{where}: q has dtype torch.int8, which holds -128 to 127, not the codes 0 to 255",
+                   "store 8-bit codes as torch.uint8")
     zeros = bool(x.abs().max() == 0)
     try:
         zero_point = expect_number(zero_point, f"{where}: the zero point")
@@ -148,7 +158,8 @@ def _expect_quantized(out, x: torch.Tensor, bits: int, where: str) -> tuple[torc
         raise Fail(e.message, _ZEROS_HINT if zeros else e.hint) from None
     if zero_point != round(zero_point):
         raise Fail(f"{where}: the zero point is {zero_point:.4g}, not an integer",
-                   "round the zero point, round(-min / scale): 0.0 must map to an integer code, or it is not exactly representable")
+                   "round the zero point, round(-min / scale): 0.0 must map to an integer code, or it is not "
+                   "exactly representable")
     if scale <= 0:
         raise Fail(f"{where}: the scale is {scale:g}, expected a positive number",
                    _ZEROS_HINT if zeros else "scale = (max - min) / (2**bits - 1), the range including 0")
@@ -169,16 +180,21 @@ def _run_quantize(fn, case: int, text: str, x: torch.Tensor, bits: int) -> dict:
 @checker
 @_single_threaded
 def check_quantize(fn, seed: int = 0):
-    "Check `fn(x, bits=8)` -> (q, scale, zero_point): scale and zero point against MinMaxObserver's formula, codes against torch."
+    """Check `fn(x, bits=8)` -> (q, scale, zero_point): scale and zero point against MinMaxObserver's formula,
+    codes against torch."""
     cases = _quantize_cases(seed)
-    runs = [_run_quantize(fn, case, text, x, bits) for case, (text, x, bits) in enumerate(cases, 1) if x.abs().max() > 0]
+    runs = [
+        _run_quantize(fn, case, text, x, bits) for case, (text, x, bits) in enumerate(cases, 1) if x.abs().max() > 0]
     where = lambda i: runs[i]["where"]
     _compare([torch.tensor(r["scale"], dtype=torch.float64) for r in runs],
              [torch.tensor(_qparams(r["x"], r["bits"])[0], dtype=torch.float64) for r in runs],
-             [{h: torch.tensor(float("nan") if v is None else v, dtype=torch.float64) for h, v in _scale_variants(r["x"], r["bits"]).items()}
+             [{h: torch.tensor(float("nan") if v is None else v, dtype=torch.float64)
+               for h, v in _scale_variants(r["x"], r["bits"]).items()}
               for r in runs],
-             "the scale", "scale = (hi - lo) / (2**bits - 1) with lo = min(x.min(), 0) and hi = max(x.max(), 0)", tol=1e-5, where=where)
-    _expect_entries([torch.tensor(r["zero_point"]) for r in runs], [torch.tensor(_qparams(r["x"], r["bits"])[1]) for r in runs],
+             "the scale", "scale = (hi - lo) / (2**bits - 1) with lo = min(x.min(), 0) and hi = max(x.max(), 0)",
+             tol=1e-5, where=where)
+    _expect_entries([torch.tensor(r["zero_point"]) for r in runs],
+                    [torch.tensor(_qparams(r["x"], r["bits"])[1]) for r in runs],
                     [{h: torch.tensor(v) for h, v in _zero_point_variants(r["x"], r["bits"]).items()} for r in runs],
                     "the zero point", "zero_point = round(-lo / scale), clamped to [0, 2**bits - 1]", where,
                     detail=lambda i: f"yours is {runs[i]['zero_point']}")
@@ -187,18 +203,24 @@ def check_quantize(fn, seed: int = 0):
         x, bits, (scale, zero_point) = r["x"], r["bits"], _qparams(r["x"], r["bits"])
         codes = _torch_codes(x, scale, zero_point, bits)
         keep = ~_near_tie(x, scale)
-        if bits == 8 and (codes8 := _quint8_codes(x, scale, zero_point)) is not None: keep &= codes8 == codes  # both PyTorch quantizers agree
+        # both PyTorch quantizers agree
+        if bits == 8 and (codes8 := _quint8_codes(x, scale, zero_point)) is not None: keep &= codes8 == codes
         got.append(r["q"].long()[keep]); want.append(codes[keep])
         variants.append({h: v[keep].long() for h, v in _code_variants(x, bits).items()})
-    _expect_entries(got, want, variants, "q", "q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1), as an integer tensor", where,
-                    slack=0.01)  # a mistake's codes computed in float64 may differ from the learner's at values close to an integer
-    for case, (text, x, bits) in enumerate(cases, 1):  # last, the tensor of zeros: any positive scale, every code the zero point
+    _expect_entries(got, want, variants, "q",
+                    # a mistake's codes computed in float64 may differ from the learner's at values close to an
+                    # integer
+                    "q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1), as an integer tensor", where, slack=0.01)
+    # last, the tensor of zeros: any positive scale, every code the zero point
+    for case, (text, x, bits) in enumerate(cases, 1):
         if x.abs().max() > 0: continue
         r = _run_quantize(fn, case, text, x, bits)
         if not bool((r["q"].long() == r["zero_point"]).all()):
-            raise Fail(f"{r['where']}: q is not the zero point everywhere", "0.0 maps to the code round(0 / scale) + zero_point")
-    return (f"scale and zero point as torch's MinMaxObserver computes them, codes equal to torch.fake_quantize_per_tensor_affine's "
-            f"(and torch.quantize_per_tensor's at 8 bits) on {len(cases)} tensors, 2 to 8 bits, a tensor of zeros included")
+            raise Fail(f"{r['where']}: q is not the zero point everywhere",
+                       "0.0 maps to the code round(0 / scale) + zero_point")
+    return (f"scale and zero point as torch's MinMaxObserver computes them, codes equal to "
+            f"torch.fake_quantize_per_tensor_affine's (and torch.quantize_per_tensor's at 8 bits) on {len(cases)} "
+            f"tensors, 2 to 8 bits, a tensor of zeros included")
 
 # %% ../../nbs/95_checks_compress.ipynb #cd1561d2
 def _dequantize_cases(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, float, int, int]]:
@@ -206,10 +228,13 @@ def _dequantize_cases(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, 
     gen = _generator(seed)
     cases = []
     for text, x, bits, dtype in (
-            ("8-bit codes of a (48, 32) weight matrix, torch.uint8", 0.05 * torch.randn(48, 32, generator=gen), 8, torch.uint8),
-            ("8-bit codes of values in [-1, 3], torch.uint8", -1.0 + 4.0 * torch.rand(500, generator=gen), 8, torch.uint8),
+            ("8-bit codes of a (48, 32) weight matrix, torch.uint8", 0.05 * torch.randn(48, 32, generator=gen), 8,
+             torch.uint8),
+            ("8-bit codes of values in [-1, 3], torch.uint8", -1.0 + 4.0 * torch.rand(500, generator=gen), 8,
+             torch.uint8),
             ("4-bit codes of a (5, 6, 7) tensor, torch.int32", torch.randn(5, 6, 7, generator=gen), 4, torch.int32),
-            ("3-bit codes of values in [0.5, 2], torch.int64", 0.5 + 1.5 * torch.rand(12, 9, generator=gen), 3, torch.int64)):
+            ("3-bit codes of values in [0.5, 2], torch.int64", 0.5 + 1.5 * torch.rand(12, 9, generator=gen), 3,
+             torch.int64)):
         scale, zero_point = _qparams(x, bits)
         cases.append((text, x, _torch_codes(x, scale, zero_point, bits).to(dtype), scale, zero_point, bits))
     return cases
@@ -220,9 +245,11 @@ def _dequantize_variants(q: torch.Tensor, scale: float, zero_point: int) -> dict
     if q.dtype == torch.uint8: wrapped = wrapped % 256  # q - zero_point computed in uint8
     return {
         "subtract the zero point, don't add it: x ≈ (q - zero_point) * scale": (q.double() + zero_point) * scale,
-        "q is torch.uint8, so q - zero_point wraps around below 0 (3 - 5 is 254): convert q to float (q.float()) before subtracting":
+        "q is torch.uint8, so q - zero_point wraps around below 0 (3 - 5 is 254): convert q to float (q.float()) "
+        "before subtracting":
             wrapped.double() * scale,
-        "the zero point is a code: subtract it before multiplying by the scale, (q - zero_point) * scale": q.double() * scale - zero_point,
+        "the zero point is a code: subtract it before multiplying by the scale, (q - zero_point) * scale":
+            q.double() * scale - zero_point,
         "subtract the zero point first: x ≈ (q - zero_point) * scale": q.double() * scale,
         "multiply by the scale, don't divide: x ≈ (q - zero_point) * scale": (q.double() - zero_point) / scale,
     }
@@ -230,7 +257,8 @@ def _dequantize_variants(q: torch.Tensor, scale: float, zero_point: int) -> dict
 @checker
 @_single_threaded
 def check_dequantize(fn, seed: int = 0):
-    "Check `fn(q, scale, zero_point)` against torch.fake_quantize_per_tensor_affine, and the round trip within scale / 2."
+    """Check `fn(q, scale, zero_point)` against torch.fake_quantize_per_tensor_affine, and the round trip within
+    scale / 2."""
     cases = _dequantize_cases(seed)
     got, want, variants = [], [], []
     for case, (text, x, q, scale, zero_point, bits) in enumerate(cases, 1):
@@ -241,26 +269,30 @@ def check_dequantize(fn, seed: int = 0):
         want.append(torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 2**bits - 1).double())
         variants.append(_dequantize_variants(q, scale, zero_point))
     where = lambda i: f"case {i + 1} ({cases[i][0]})"
-    _compare(got, want, variants, "your result", "x ≈ (q - zero_point) * scale, in floating point", tol=1e-5, where=where)
+    _compare(got, want, variants, "your result", "x ≈ (q - zero_point) * scale, in floating point", tol=1e-5,
+             where=where)
     for i, (out, (text, x, q, scale, zero_point, bits)) in enumerate(zip(got, cases)):
         steps = (out - x.double()).abs().max().item() / scale
         if steps > 0.5 + 1e-4:  # cannot happen once the values match PyTorch's: kept as the property that matters
-            raise Fail(f"{where(i)}: the round trip is off by {steps:.2f} steps, more than half a step", "x ≈ (q - zero_point) * scale")
-    return (f"equals torch.fake_quantize_per_tensor_affine on {len(cases)} tensors (uint8, int32 and int64 codes, 3 to 8 bits); "
-            "every value comes back within scale / 2")
+            raise Fail(f"{where(i)}: the round trip is off by {steps:.2f} steps, more than half a step",
+                       "x ≈ (q - zero_point) * scale")
+    return (f"equals torch.fake_quantize_per_tensor_affine on {len(cases)} tensors (uint8, int32 and int64 codes, 3 "
+            f"to 8 bits); every value comes back within scale / 2")
 
 # %% ../../nbs/95_checks_compress.ipynb #a9f567d3
 def _distinct_weights(shape: tuple, gen: torch.Generator) -> torch.Tensor:
     "Random weights of mixed signs, of a layer's size, whose magnitudes all differ: no ties to break."
     n = math.prod(shape)
-    magnitude = (torch.randperm(n, generator=gen) + 0.1 + 0.8 * torch.rand(n, generator=gen)) / n  # one in each [k, k + 1) / n
+    # one in each [k, k + 1) / n
+    magnitude = (torch.randperm(n, generator=gen) + 0.1 + 0.8 * torch.rand(n, generator=gen)) / n
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     return (0.1 * sign * magnitude).reshape(shape)
 
 def _torch_prune_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     "torch.nn.utils.prune.l1_unstructured's mask for `weight`, as the weight of an nn.Linear (2-D) or nn.Conv2d (4-D)."
     from torch.nn.utils import prune
-    if weight.ndim == 2: module = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False)  # no random init
+    # no random init
+    if weight.ndim == 2: module = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False)
     else: module = nn.utils.skip_init(nn.Conv2d, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False)
     with torch.no_grad(): module.weight.copy_(weight)
     prune.l1_unstructured(module, "weight", amount=float(sparsity))
@@ -275,25 +307,32 @@ def _zero_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
 def _prune_variants(w: torch.Tensor, sparsity: float) -> dict:
     "The masks the typical mistakes compute, keyed by their hint."
     n, k = w.numel(), round(sparsity * w.numel())
-    off_by_one = ("off by one: exactly round(sparsity * numel) weights must be 0, and yours prunes one {}: compare |w| with the "
-                  "threshold with < or <=, whichever leaves exactly that many zeros")
+    off_by_one = ("off by one: exactly round(sparsity * numel) weights must be 0, and yours prunes one {}: compare "
+                  "|w| with the threshold with < or <=, whichever leaves exactly that many zeros")
     return {
-        "you pruned the largest weights: magnitude pruning removes the smallest |w|, the ones that matter least": _zero_smallest(-w.abs(), k),
-        "rank the weights by magnitude, |w| (weight.abs()): a large negative weight matters as much as a large positive one":
+        "you pruned the largest weights: magnitude pruning removes the smallest |w|, the ones that matter least":
+            _zero_smallest(-w.abs(), k),
+        "rank the weights by magnitude, |w| (weight.abs()): a large negative weight matters as much as a large "
+        "positive one":
             _zero_smallest(w, k),
         "sparsity is the fraction of weights removed (set to 0), not the fraction kept": _zero_smallest(w.abs(), n - k),
-        "the mask is 1 for the weights kept and 0 for the pruned ones: yours is the other way round": 1 - _zero_smallest(w.abs(), k),
+        "the mask is 1 for the weights kept and 0 for the pruned ones: yours is the other way round":
+            1 - _zero_smallest(w.abs(), k),
         "prune round(sparsity * numel) weights: int() rounds down": _zero_smallest(w.abs(), int(sparsity * n)),
-        "prune round(sparsity * numel) weights, rounded to the nearest integer, not up": _zero_smallest(w.abs(), math.ceil(sparsity * n)),
+        "prune round(sparsity * numel) weights, rounded to the nearest integer, not up":
+            _zero_smallest(w.abs(), math.ceil(sparsity * n)),
         off_by_one.format("more"): _zero_smallest(w.abs(), k + 1),
         off_by_one.format("fewer"): _zero_smallest(w.abs(), k - 1),
         "prune the smallest weights of the whole tensor (one threshold for all), not the same share of every row":
-            torch.stack([_zero_smallest(row.abs(), round(sparsity * row.numel())) for row in w.reshape(w.shape[0], -1)]).reshape(w.shape),
+            torch.stack([_zero_smallest(row.abs(), round(sparsity * row.numel()))
+                         for row in w.reshape(w.shape[0], -1)]).reshape(w.shape),
     }
 
 _EDGE_HINTS = {
-    0.0: "at sparsity 0 nothing is pruned, k = 0: the mask is all ones (kthvalue(0), or a threshold read at index k - 1, fails there)",
-    1.0: "at sparsity 1 every weight is pruned, k = numel: the mask is all zeros (a threshold read at index k is out of range there)",
+    0.0: "at sparsity 0 nothing is pruned, k = 0: the mask is all ones (kthvalue(0), or a threshold read at index k - "
+         "1, fails there)",
+    1.0: "at sparsity 1 every weight is pruned, k = numel: the mask is all zeros (a threshold read at index k is out "
+         "of range there)",
 }
 
 @checker
@@ -327,35 +366,40 @@ def check_magnitude_prune(fn, seed: int = 0):
     bad = [i for i, (g, m) in enumerate(zip(got, want)) if not torch.equal(g, m)]
     if bad:
         i, (shape, sparsity, _) = bad[0], cases[bad[0]]
-        raise Fail(f"your mask is wrong on {len(bad)} of {len(cases)} weights, first on a {shape} weight at sparsity {sparsity}: it prunes "
-                   f"{int((got[i] == 0).sum())} of {got[i].numel()} weights, and {int((got[i] != want[i]).sum())} of its entries differ "
-                   "from torch.nn.utils.prune's mask", _mistake(got, variants) or
+        raise Fail(f"your mask is wrong on {len(bad)} of {len(cases)} weights, first on a {shape} weight at sparsity "
+                   f"{sparsity}: it prunes {int((got[i] == 0).sum())} of {got[i].numel()} weights, and "
+                   f"{int((got[i] != want[i]).sum())} of its entries differ from torch.nn.utils.prune's "
+                   f"mask", _mistake(got, variants) or
                    "set to 0 the round(sparsity * numel) weights of smallest |w|, and to 1 all the others")
     return (f"equals torch.nn.utils.prune.l1_unstructured's mask on {len(cases)} weights (Linear and Conv2d shapes), "
             "sparsity from 0 to 1")
 
 # %% ../../nbs/95_checks_compress.ipynb #9f9d6363
-def _soft_targets(s, t, T, power=2, swap=False, reduction="batchmean", student_T=True, teacher_T=True, probs_input=False):
+def _soft_targets(s, t, T, power=2, swap=False, reduction="batchmean", student_T=True, teacher_T=True,
+                  probs_input=False):
     "T**2 * KL(softmax(t/T) || softmax(s/T)) by F.kl_div, or one of the typical mistakes (the default is the oracle)."
     log_ps, log_pt = F.log_softmax(s / (T if student_T else 1.0), -1), F.log_softmax(t / (T if teacher_T else 1.0), -1)
     inputs, target = (log_pt, log_ps) if swap else (log_ps.exp(), log_pt) if probs_input else (log_ps, log_pt)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reduction="mean" warns that it is not the KL divergence: that is the mistake shown
+        # reduction="mean" warns that it is not the KL divergence: that is the mistake shown
+        warnings.simplefilter("ignore")
         return T**power * F.kl_div(inputs, target, reduction=reduction, log_target=True)
 
 _SOFT_TARGET_MISTAKES = {
-    "the factor T**2 is missing: dividing the logits by T shrinks the gradient by 1/T**2, and T**2 gives it its scale back":
+    "the factor T**2 is missing: dividing the logits by T shrinks the gradient by 1/T**2, and T**2 gives it its scale "
+    "back":
         dict(power=0),
     "multiply by T squared, T**2, not by T": dict(power=1),
-    "the KL divergence is the wrong way round: KL(teacher || student) = sum p_teacher * (log p_teacher - log p_student); "
-    "F.kl_div takes the student's log-probabilities as input and the teacher's as target": dict(swap=True),
+    "the KL divergence is the wrong way round: KL(teacher || student) = sum p_teacher * (log p_teacher - log "
+    "p_student); F.kl_div takes the student's log-probabilities as input and the teacher's as target": dict(swap=True),
     "reduction='mean' divides by batch x classes; the KL divergence of one example sums over the classes, "
     "then average over the batch: reduction='batchmean'": dict(reduction="mean"),
     "average the KL divergence over the batch (reduction='batchmean'), don't sum it": dict(reduction="sum"),
     "divide the teacher's logits by the temperature too": dict(teacher_T=False),
     "divide the student's logits by the temperature too": dict(student_T=False),
     "the temperature is missing from both softmaxes": dict(student_T=False, teacher_T=False),
-    "F.kl_div expects log-probabilities as its input (the student's log_softmax), not probabilities": dict(probs_input=True),
+    "F.kl_div expects log-probabilities as its input (the student's log_softmax), not probabilities":
+        dict(probs_input=True),
 }
 
 _KL_NAN_HINT = ("F.kl_div's target is the teacher's probabilities, or its log-probabilities with log_target=True; "
@@ -364,30 +408,36 @@ _KL_NAN_HINT = ("F.kl_div's target is the teacher's probabilities, or its log-pr
 @checker
 @_single_threaded
 def check_soft_targets_loss(fn, seed: int = 0):
-    "Check `fn(student_logits, teacher_logits, temperature)`: value against F.kl_div, the student's gradient, no gradient into the teacher."
+    """Check `fn(student_logits, teacher_logits, temperature)`: value against F.kl_div, the student's gradient,
+    no gradient into the teacher."""
     gen = _generator(seed)
     cases = [(8, 10, 2.0), (5, 4, 4.0), (16, 6, 0.5), (6, 5, 1.0), (3, 50, 10.0)]
     got, want, variants, grads = [], [], [], []
     for b, c, T in cases:
         s, t = 2 * torch.randn(b, c, generator=gen), 3 * torch.randn(b, c, generator=gen)
-        student, teacher = s.clone().requires_grad_(True), t.clone().requires_grad_(True)  # a teacher's logits, as its forward returns them
+        # a teacher's logits, as its forward returns them
+        student, teacher = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
         out = _expect_loss(_call(fn, student, teacher, T), nan_hint=_KL_NAN_HINT)
-        _expect_unchanged({"student_logits": s, "teacher_logits": t}, {"student_logits": student.detach(), "teacher_logits": teacher.detach()})
+        _expect_unchanged({"student_logits": s, "teacher_logits": t},
+                          {"student_logits": student.detach(), "teacher_logits": teacher.detach()})
         g_student, g_teacher = torch.autograd.grad(out, [student, teacher], allow_unused=True)
-        grads.append((g_student, g_teacher, (T * (F.softmax(s.double() / T, -1) - F.softmax(t.double() / T, -1)) / b)))  # closed form
+        # closed form
+        grads.append((g_student, g_teacher, (T * (F.softmax(s.double() / T, -1) - F.softmax(t.double() / T, -1)) / b)))
         got.append(out.detach().double()); want.append(_soft_targets(s.double(), t.double(), T))
         variants.append({h: _soft_targets(s.double(), t.double(), T, **kw) for h, kw in _SOFT_TARGET_MISTAKES.items()})
     where = lambda i: "batch {}, {} classes, T={}".format(*cases[i])
-    _compare(got, want, variants, "the loss", "T**2 * KL(softmax(teacher / T) || softmax(student / T)), summed over the classes "
+    _compare(got, want, variants, "the loss",
+             "T**2 * KL(softmax(teacher / T) || softmax(student / T)), summed over the classes "
              "and averaged over the batch", tol=1e-4, where=where)
     for i, (g_student, g_teacher, want_g) in enumerate(grads):
         if g_teacher is not None and bool(g_teacher.abs().max() > 0):
             raise Fail(f"the value is right, but on {where(i)} the loss sends a gradient into the teacher's logits",
-                       "detach the teacher (teacher_logits.detach()): it is fixed, and a gradient into it would also train "
-                       "the teacher towards the student")
+                       "detach the teacher (teacher_logits.detach()): it is fixed, and a gradient into it would also "
+                       "train the teacher towards the student")
         if g_student is None or not close(g_student, want_g, 1e-4):
             raise Fail(f"the value is right but its gradient with respect to the student's logits is not, on {where(i)}"
-                       + (" (there is none)" if g_student is None else f" (relative error {relative_error(g_student, want_g):.1e})"),
+                       + (" (there is none)" if g_student is None
+                          else f" (relative error {relative_error(g_student, want_g):.1e})"),
                        "keep the student's side differentiable: no .detach(), .item() or torch.no_grad() on it")
-    return (f"value matches T**2 * F.kl_div(..., reduction='batchmean', log_target=True), the student's gradient its closed form, "
-            f"and no gradient reaches the teacher, on {len(cases)} cases with T from 0.5 to 10")
+    return (f"value matches T**2 * F.kl_div(..., reduction='batchmean', log_target=True), the student's gradient its "
+            f"closed form, and no gradient reaches the teacher, on {len(cases)} cases with T from 0.5 to 10")

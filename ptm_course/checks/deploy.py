@@ -32,11 +32,13 @@ def _outcome(fn, *args, **kwargs) -> tuple:
     "(what `fn` returned, None), or (None, the exception it raised): for checks where raising can be the right answer."
     try: return fn(*args, **kwargs), None
     except NotImplementedError:
-        raise NotAttempted(f"not attempted yet: `{getattr(fn, '__name__', 'your function')}` still raises NotImplementedError") from None
+        raise NotAttempted(f"not attempted yet: `{getattr(fn, '__name__', 'your function')}` still raises "
+                           f"NotImplementedError") from None
     except Exception as e: return None, e
 
 def _crash(fn, error: Exception, where: str, hint: str | None = None, hints: list | None = None) -> Fail:
-    "The `Fail` for a learner's function that raised `error`: the exception, the line, and the hint of the first of `hints` whose words it contains."
+    """The `Fail` for a learner's function that raised `error`: the exception, the line, and the hint of the
+    first of `hints` whose words it contains."""
     hint = hint or next((h for words, h in hints or [] if words in str(error)), None) or _hint_for_exception(error)
     return Fail(f"{where}: your function raised {type(error).__name__}: {_short(error)}{_where(fn, error)}", hint)
 
@@ -52,7 +54,8 @@ def _dropout_classifier(seed: int) -> nn.Sequential:
     return _seeded(seed, lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)))
 
 def _batchnorm_regressor(seed: int) -> nn.Sequential:
-    "6 features to 3 scores through batch norm whose running statistics, as training leaves them, differ from any one batch's."
+    """6 features to 3 scores through batch norm whose running statistics, as training leaves them, differ from
+    any one batch's."""
     def build():
         model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
         with torch.no_grad():
@@ -63,7 +66,8 @@ def _batchnorm_regressor(seed: int) -> nn.Sequential:
     return _seeded(seed, build)
 
 def _export_by_hand(model: nn.Sequential, path: Path, input_name: str, output_name: str) -> Path:
-    "Write `model` in inference mode (Linear, BatchNorm1d, ReLU, Dropout) as the ONNX graph torch.onnx.export gives, in milliseconds."
+    """Write `model` in inference mode (Linear, BatchNorm1d, ReLU, Dropout) as the ONNX graph torch.onnx.export
+    gives, in milliseconds."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     nodes, weights, x = [], [], input_name
@@ -73,20 +77,24 @@ def _export_by_hand(model: nn.Sequential, path: Path, input_name: str, output_na
     for i, layer in enumerate(model):
         y = output_name if i == len(model) - 1 else f"h{i}"
         if isinstance(layer, nn.Linear):
-            node = helper.make_node("Gemm", [x, param(f"{i}.weight", layer.weight), param(f"{i}.bias", layer.bias)], [y], transB=1)
+            node = helper.make_node("Gemm", [x, param(f"{i}.weight", layer.weight), param(f"{i}.bias", layer.bias)],
+                                    [y], transB=1)
         elif isinstance(layer, nn.BatchNorm1d):  # inference: the running statistics
             node = helper.make_node("BatchNormalization", [x] + [param(f"{i}.{n}", getattr(layer, n)) for n in
                                     ("weight", "bias", "running_mean", "running_var")], [y], epsilon=layer.eps)
         elif isinstance(layer, nn.ReLU): node = helper.make_node("Relu", [x], [y])
-        elif isinstance(layer, nn.Dropout): node = helper.make_node("Identity", [x], [y])  # dropout does nothing in inference
+        # dropout does nothing in inference
+        elif isinstance(layer, nn.Dropout): node = helper.make_node("Identity", [x], [y])
         else: raise TypeError(f"no ONNX translation for {type(layer).__name__} here")
         nodes.append(node)
         x = y
     linears = [m for m in model if isinstance(m, nn.Linear)]
     graph = helper.make_graph(
-        nodes, "model", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", linears[0].in_features])],
+        nodes, "model",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", linears[0].in_features])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", linears[-1].out_features])], weights)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="ptm_course.checks")
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
+                              producer_name="ptm_course.checks")
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
@@ -105,89 +113,122 @@ def _eval_outputs(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 # %% ../../nbs/96_checks_deploy.ipynb #afb0b093
 def _export_cases(folder: Path, seed: int) -> list[dict]:
-    "Two right exports and two wrong ones (one class's bias higher; one weight lower), each with its model, inputs and true difference."
+    """Two right exports and two wrong ones (one class's bias higher; one weight lower), each with its model,
+    inputs and true difference."""
     gen = _generator(seed)
     classifier, regressor = _dropout_classifier(seed), _batchnorm_regressor(seed + 1)
-    features, x, x2 = torch.randn(16, 8, generator=gen), torch.randn(5, 6, generator=gen), torch.randn(7, 6, generator=gen)
+    features, x, x2 = (torch.randn(16, 8, generator=gen), torch.randn(5, 6, generator=gen),
+                       torch.randn(7, 6, generator=gen))
     logits = _eval_outputs(classifier, features)
-    margin = logits.max(1, keepdims=True) - logits          # how far each class is below the winner, per row (0 where it wins)
-    behind = np.where(margin > 0, margin, np.inf).min(0)     # per class: how close it comes to winning where it does not win
-    j = int(behind.argmax())                                 # raising this class's bias by less than that changes no prediction
+    # how far each class is below the winner, per row (0 where it wins)
+    margin = logits.max(1, keepdims=True) - logits
+    # per class: how close it comes to winning where it does not win
+    behind = np.where(margin > 0, margin, np.inf).min(0)
+    # raising this class's bias by less than that changes no prediction
+    j = int(behind.argmax())
     delta = min(0.02, float(behind[j]) / 2)
     shifted = copy.deepcopy(classifier)
     with torch.no_grad(): shifted[-1].bias[j] += delta
     with torch.no_grad(): hidden = copy.deepcopy(regressor).eval()[:3](x2)  # after Linear, BatchNorm1d and ReLU
-    m = int(hidden.mean(0).argmax())                         # the hidden unit (after ReLU, >= 0) most active on these inputs
-    k = int(np.bincount(_eval_outputs(regressor, x2).argmax(1), minlength=3).argmin())  # the score that is highest least often
+    # the hidden unit (after ReLU, >= 0) most active on these inputs
+    m = int(hidden.mean(0).argmax())
+    # the score that is highest least often
+    k = int(np.bincount(_eval_outputs(regressor, x2).argmax(1), minlength=3).argmin())
     lowered = copy.deepcopy(regressor)
-    with torch.no_grad(): lowered[-1].weight[k, m] -= 0.03 / float(hidden[:, m].max())  # score k lower by up to 0.03, never higher
+    # score k lower by up to 0.03, never higher
+    with torch.no_grad(): lowered[-1].weight[k, m] -= 0.03 / float(hidden[:, m].max())
     cases = [
-        ("case 1 (a classifier with dropout, handed over in training mode, and a right export)", classifier, classifier, features, "features", "logits"),
-        ("case 2 (a model with batch norm, in training mode, and a right export)", regressor, regressor, x, "x", "scores"),
-        (f"case 3 (the classifier, and a wrong export: one class's bias is {delta:.2g} higher)", classifier, shifted, features, "features", "logits"),
-        ("case 4 (the batch-norm model, and a wrong export: one weight is lower)", regressor, lowered, x2, "x", "scores"),
+        ("case 1 (a classifier with dropout, handed over in training mode, and a right export)", classifier, classifier,
+         features, "features", "logits"),
+        ("case 2 (a model with batch norm, in training mode, and a right export)", regressor, regressor, x, "x",
+         "scores"),
+        (f"case 3 (the classifier, and a wrong export: one class's bias is {delta:.2g} higher)", classifier, shifted,
+         features, "features", "logits"),
+        ("case 4 (the batch-norm model, and a wrong export: one weight is lower)", regressor, lowered, x2, "x",
+         "scores"),
     ]
     out = []
     for i, (what, model, exported, inputs, input_name, output_name) in enumerate(cases, 1):
         path = _export_by_hand(exported, folder/f"model{i}.onnx", input_name, output_name)
         eager, ort = _eval_outputs(model, inputs).astype(np.float64), _onnx_runtime(path, inputs).astype(np.float64)
         out.append(dict(what=what, model=model, path=path, inputs=inputs, right=exported is model, eager=eager, ort=ort,
-                        diff=float(np.abs(ort - eager).max()), same_classes=bool((ort.argmax(1) == eager.argmax(1)).all())))
+                        diff=float(np.abs(ort - eager).max()),
+                        same_classes=bool((ort.argmax(1) == eager.argmax(1)).all())))
     return out
 
 # %% ../../nbs/96_checks_deploy.ipynb #12816f50
 _ONNX_HINTS = [  # (words in the error's message, hint): errors of ONNX Runtime and PyTorch that this exercise provokes
-    ("Unexpected input data type", "the ONNX graph's input is float32 and ONNX Runtime converts nothing: feed inputs.numpy() as it is, "
+    ("Unexpected input data type",
+     "the ONNX graph's input is float32 and ONNX Runtime converts nothing: feed inputs.numpy() as it is, "
      "not a float64 array (np.array(x.tolist()), .double(), .astype(float))"),
     ("a single numpy array", "ONNX Runtime takes NumPy arrays, not torch tensors: feed inputs.detach().cpu().numpy()"),
-    ("missing from input feed", "use the input name stored in the ONNX file, session.get_inputs()[0].name, rather than typing one"),
-    ("Invalid input name", "use the input name stored in the ONNX file, session.get_inputs()[0].name, rather than typing one"),
-    ("Invalid output name", "pass None as session.run's output names to get every output (their names are in session.get_outputs())"),
+    ("missing from input feed",
+     "use the input name stored in the ONNX file, session.get_inputs()[0].name, rather than typing one"),
+    ("Invalid input name",
+     "use the input name stored in the ONNX file, session.get_inputs()[0].name, rather than typing one"),
+    ("Invalid output name",
+     "pass None as session.run's output names to get every output (their names are in session.get_outputs())"),
     ("requires grad", "run the model under torch.no_grad() (or .detach() its output) before .numpy()"),
-    ("must have the same dtype", "the model's weights are float32: give it the inputs as they are, not converted to float64"),
+    ("must have the same dtype",
+     "the model's weights are float32: give it the inputs as they are, not converted to float64"),
     ("Invalid rank", "feed the inputs with the shape they have: the ONNX graph expects the model's input shape"),
 ]
 
-_EVAL_HINT = ("your function ran the model in training mode, where dropout zeroes random units and batch norm uses the batch's own "
-              "statistics: its outputs cannot match the export. Call model.eval() first (and compute under torch.no_grad())")
+_EVAL_HINT = ("your function ran the model in training mode, where dropout zeroes random units and batch norm uses "
+              "the batch's own statistics: its outputs cannot match the export. Call model.eval() first (and compute "
+              "under torch.no_grad())")
 
 def _verify_run(fn, case: dict, **kwargs) -> dict:
-    "The learner's `fn` on `case`, with a fresh copy of its model in training mode: what it returned or raised, and the modes it ran the model in."
+    """The learner's `fn` on `case`, with a fresh copy of its model in training mode: what it returned or
+    raised, and the modes it ran the model in."""
     model, x, modes = copy.deepcopy(case["model"]).train(), case["inputs"].clone(), []
     model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
-    with torch.random.fork_rng(devices=[]):  # dropout in training mode draws random numbers: never from the learner's generator
+    # dropout in training mode draws random numbers: never from the learner's generator
+    with torch.random.fork_rng(devices=[]):
         value, error = _outcome(fn, model, str(case["path"]), x, **kwargs)
     _expect_unchanged({"inputs": case["inputs"]}, {"inputs": x})
-    return dict(value=value, error=error, modes=modes, onnx_error=error is not None and any(w in str(error) for w, _ in _ONNX_HINTS))
+    return dict(value=value, error=error, modes=modes,
+                onnx_error=error is not None and any(w in str(error) for w, _ in _ONNX_HINTS))
 
 def _expect_accepted(fn, case: dict) -> None:
     "`Fail` unless `fn` returns a difference of at most atol=1e-4 for a right export, running the model in eval mode."
     run, where, diff = _verify_run(fn, case), case["what"], case["diff"]
     hint = _EVAL_HINT if any(run["modes"]) else None
     if isinstance(run["error"], (ValueError, AssertionError)) and not run["onnx_error"]:
-        raise Fail(f"{where}: your function rejected a right export ({type(run['error']).__name__}: {_short(run['error'])}); "
-                   f"ONNX Runtime and the model in eval mode agree to {diff:.1e}", hint or "compare the model's output in eval mode "
-                   "with ONNX Runtime's, for the same inputs, and raise only when the largest absolute difference exceeds atol")
+        raise Fail(f"{where}: your function rejected a right export ({type(run['error']).__name__}: "
+                   f"{_short(run['error'])}); ONNX Runtime and the model in eval mode agree to "
+                   f"{diff:.1e}", hint or "compare the model's output in eval mode "
+                   "with ONNX Runtime's, for the same inputs, and raise only when the largest absolute difference "
+                   "exceeds atol")
     if run["error"] is not None: raise _crash(fn, run["error"], where, hint, _ONNX_HINTS)
     if not run["modes"]:
         raise Fail(f"{where}: your function never ran the PyTorch model",
-                   "the reference is the model's own output: compare model(inputs), in eval mode, with ONNX Runtime's output")
+                   "the reference is the model's own output: compare model(inputs), in eval mode, with ONNX "
+                   "Runtime's output")
     value = expect_number(run["value"], f"{where}: your result")
-    if value < 0: raise Fail(f"{where}: your function returned {value:.2e}, a negative difference", "take absolute values: np.abs(a - b).max()")
+    if value < 0:
+        raise Fail(f"{where}: your function returned {value:.2e}, a negative difference",
+                   "take absolute values: np.abs(a - b).max()")
     if value > 1e-4:
-        raise Fail(f"{where}: your function returned {value:.2e} for a right export (ONNX Runtime and the model in eval mode agree to "
-                   f"{diff:.1e}), more than atol=1e-4, without raising", hint or "the largest absolute difference between the "
+        raise Fail(f"{where}: your function returned {value:.2e} for a right export (ONNX Runtime and the model in "
+                   f"eval mode agree to {diff:.1e}), more than atol=1e-4, without "
+                   f"raising", hint or "the largest absolute difference between the "
                    "model's output and ONNX Runtime's, for the same inputs: np.abs(a - b).max()")
 
 def _difference_variants(case: dict) -> list[tuple[str, float]]:
     "What the typical mistakes return for `case`, with their hints."
     d, eager = case["ort"] - case["eager"], case["eager"]
-    return [("the largest difference, not the mean: one output far off is a broken export, however many agree; np.abs(a - b).max()", np.abs(d).mean()),
+    return [("the largest difference, not the mean: one output far off is a broken export, however many agree; "
+             "np.abs(a - b).max()", np.abs(d).mean()),
             ("the largest difference, not the sum over all outputs: np.abs(a - b).max()", np.abs(d).sum()),
-            ("the largest absolute difference, not the root mean square: np.abs(a - b).max()", float(np.sqrt((d**2).mean()))),
-            ("an absolute difference, not a relative one: atol is in the outputs' own units; np.abs(a - b).max()", (np.abs(d) / np.abs(eager)).max()),
-            ("take absolute values: the largest of a - b sees only the differences of one sign; np.abs(a - b).max()", d.max()),
-            ("take absolute values: the largest of b - a sees only the differences of one sign; np.abs(a - b).max()", (-d).max())]
+            ("the largest absolute difference, not the root mean square: np.abs(a - b).max()",
+             float(np.sqrt((d**2).mean()))),
+            ("an absolute difference, not a relative one: atol is in the outputs' own units; np.abs(a - b).max()",
+             (np.abs(d) / np.abs(eager)).max()),
+            ("take absolute values: the largest of a - b sees only the differences of one sign; np.abs(a - b).max()",
+             d.max()),
+            ("take absolute values: the largest of b - a sees only the differences of one sign; np.abs(a - b).max()",
+             (-d).max())]
 
 def _expect_rejected(fn, cases: list[dict]) -> None:
     "`Fail` unless `fn` raises a ValueError with a message for each wrong export, at the default atol."
@@ -196,46 +237,56 @@ def _expect_rejected(fn, cases: list[dict]) -> None:
     for case, run, ok in zip(cases, runs, caught):
         where, error = case["what"], run["error"]
         if ok and not str(error).strip():
-            raise Fail(f"{where}: your ValueError has no message", "say what is wrong: the largest difference and atol, "
+            raise Fail(f"{where}: your ValueError has no message",
+                       "say what is wrong: the largest difference and atol, "
                        "e.g. raise ValueError(f'ONNX and PyTorch differ by up to {diff:.2e}, more than atol={atol}')")
         if ok: continue
         if isinstance(error, AssertionError):
-            raise Fail(f"{where}: your function caught the wrong export with an assert (AssertionError), expected a ValueError",
-                       "raise ValueError(...): assert statements are removed when Python runs with -O, and a check that can be switched off is no check")
+            raise Fail(f"{where}: your function caught the wrong export with an assert (AssertionError), expected a "
+                       f"ValueError",
+                       "raise ValueError(...): assert statements are removed when Python runs with -O, and a check "
+                       "that can be switched off is no check")
         if error is not None: raise _crash(fn, error, where, _EVAL_HINT if any(run["modes"]) else None, _ONNX_HINTS)
         value = expect_number(run["value"], f"{where}: your result")
         if value > 1e-4:
             raise Fail(f"{where}: your function returned {value:.2e}, more than atol=1e-4, but raised nothing",
-                       "raise ValueError when the difference exceeds atol: a number that nobody reads does not stop a broken export")
+                       "raise ValueError when the difference exceeds atol: a number that nobody reads does not stop "
+                       "a broken export")
         d = case["ort"] - case["eager"]
         signed = any(abs(value - s) <= 1e-9 for s in (d.max(), (-d).max()))  # noise: float32 rounding, maybe exactly 0
         classes = value == 0 and case["same_classes"]
-        hint = ("the reference is the model's own output: compare model(inputs), in eval mode, with ONNX Runtime's output" if not run["modes"] else
-                "compare the outputs themselves, not the predicted classes: here every prediction is the same, but one score is off; "
-                "np.abs(a - b).max()" if classes and not (signed and any(caught)) else
-                "take absolute values: this export's outputs are all off in one direction, and the largest of a - b (or of b - a) "
-                "sees only one sign; np.abs(a - b).max()" if signed or any(caught) else
+        hint = ("the reference is the model's own output: compare model(inputs), in eval mode, with ONNX Runtime's "
+                "output" if not run["modes"] else
+                "compare the outputs themselves, not the predicted classes: here every prediction is the same, but "
+                "one score is off; np.abs(a - b).max()" if classes and not (signed and any(caught)) else
+                "take absolute values: this export's outputs are all off in one direction, and the largest of a - b "
+                "(or of b - a) sees only one sign; np.abs(a - b).max()" if signed or any(caught) else
                 "the largest absolute difference between the model's output and ONNX Runtime's: np.abs(a - b).max()")
-        raise Fail(f"{where}: your function accepted a wrong export; ONNX Runtime's outputs differ from the model's by up to "
-                   f"{case['diff']:.1e}, and it returned {value:.1e}" + (" (the predicted classes are all the same)" if case["same_classes"] else ""), hint)
+        raise Fail(f"{where}: your function accepted a wrong export; ONNX Runtime's outputs differ from the model's "
+                   f"by up to {case['diff']:.1e}, and it returned "
+                   f"{value:.1e}" + (" (the predicted classes are all the same)" if case["same_classes"] else ""), hint)
 
 def _expect_difference(fn, case: dict) -> None:
-    "`Fail` unless `fn`, called with atol=1.0, returns the largest absolute difference of a wrong export without raising."
+    """`Fail` unless `fn`, called with atol=1.0, returns the largest absolute difference of a wrong export
+    without raising."""
     run, where, diff = _verify_run(fn, case, atol=1.0), f"{case['what']}, called with atol=1.0", case["diff"]
     if isinstance(run["error"], (ValueError, AssertionError)) and not run["onnx_error"]:
-        raise Fail(f"{where}: your function raised {type(run['error']).__name__} ({_short(run['error'])}) though the largest difference, "
-                   f"{diff:.1e}, is below atol", "compare with the atol argument, not with a fixed 1e-4")
+        raise Fail(f"{where}: your function raised {type(run['error']).__name__} ({_short(run['error'])}) though the "
+                   f"largest difference, {diff:.1e}, is below "
+                   f"atol", "compare with the atol argument, not with a fixed 1e-4")
     if run["error"] is not None: raise _crash(fn, run["error"], where, None, _ONNX_HINTS)
     value = expect_number(run["value"], f"{where}: your result")
     if abs(value - diff) > 1e-3 * diff:
         hint = next((h for h, v in _difference_variants(case) if abs(value - v) <= 1e-3 * abs(v) + 1e-12), None)
-        raise Fail(f"{where}: your function returned {value:.3e}, {value / diff:.3g} times the largest absolute difference between "
-                   "ONNX Runtime's outputs and the model's", hint or "the largest absolute difference over all outputs: np.abs(a - b).max()")
+        raise Fail(f"{where}: your function returned {value:.3e}, {value / diff:.3g} times the largest absolute "
+                   f"difference between ONNX Runtime's outputs and the "
+                   f"model's", hint or "the largest absolute difference over all outputs: np.abs(a - b).max()")
 
 @checker
 @_single_threaded
 def check_verify_export(fn, seed: int = 0):
-    "Check `fn(model, onnx_path, inputs, atol=1e-4)`: the largest |PyTorch - ONNX Runtime| for right exports, a ValueError for wrong ones."
+    """Check `fn(model, onnx_path, inputs, atol=1e-4)`: the largest |PyTorch - ONNX Runtime| for right exports,
+    a ValueError for wrong ones."""
     with tempfile.TemporaryDirectory(prefix="ptm-course-check-") as folder:
         cases = _export_cases(Path(folder), seed)
         for case in cases:
@@ -243,21 +294,26 @@ def check_verify_export(fn, seed: int = 0):
         wrong = [case for case in cases if not case["right"]]
         _expect_rejected(fn, wrong)
         for case in wrong: _expect_difference(fn, case)
-    return ("accepts the right exports of models with dropout and batch norm handed over in training mode, raises ValueError "
-            "for both wrong ones (a bias higher, a weight lower), and returns the largest absolute difference")
+    return ("accepts the right exports of models with dropout and batch norm handed over in training mode, raises "
+            "ValueError for both wrong ones (a bias higher, a weight lower), and returns the largest absolute "
+            "difference")
 
 # %% ../../nbs/96_checks_deploy.ipynb #bf32a9cc
-_PERF_COUNTER, _PERF_COUNTER_NS = time.perf_counter, time.perf_counter_ns  # the real clocks, kept before a check replaces them
+# the real clocks, kept before a check replaces them
+_PERF_COUNTER, _PERF_COUNTER_NS = time.perf_counter, time.perf_counter_ns
 
 class _SimulatedClock:
-    "A stand-in for time.perf_counter that moves only while the fake model `fn` runs or `sync` waits for its queued work; it logs every call, sync and read, in order."
+    """A stand-in for time.perf_counter that moves only while the fake model `fn` runs or `sync` waits for its
+    queued work; it logs every call, sync and read, in order."""
     def __init__(self, busy_ms, queued_ms):
-        self.busy, self.queued = [float(v) for v in busy_ms], [float(v) for v in queued_ms]  # per call: ms inside fn, ms of work left queued
+        # per call: ms inside fn, ms of work left queued
+        self.busy, self.queued = [float(v) for v in busy_ms], [float(v) for v in queued_ms]
         self.now, self.pending, self.calls, self.log = 1000.0, 0.0, 0, []
         self.thread = threading.get_ident()
 
     def perf_counter(self) -> float:
-        if threading.get_ident() != self.thread: return _PERF_COUNTER()  # other threads (a kernel's heartbeat, say) keep the real clock
+        # other threads (a kernel's heartbeat, say) keep the real clock
+        if threading.get_ident() != self.thread: return _PERF_COUNTER()
         self.log.append(("read", self.pending > 0))  # whether queued work is still running when the clock is read
         return self.now
 
@@ -280,9 +336,11 @@ class _SimulatedClock:
 
 @contextlib.contextmanager
 def _simulated_time(clock: _SimulatedClock, fn):
-    "Inside the block time.perf_counter, time.perf_counter_ns, timeit.default_timer, and `fn`'s globals bound to them, read `clock`."
+    """Inside the block time.perf_counter, time.perf_counter_ns, timeit.default_timer, and `fn`'s globals bound
+    to them, read `clock`."""
     fake = {_PERF_COUNTER: clock.perf_counter, _PERF_COUNTER_NS: clock.perf_counter_ns}
-    spaces = [vars(time), vars(timeit), getattr(fn, "__globals__", {})]  # `from time import perf_counter` binds a global of fn's module
+    # `from time import perf_counter` binds a global of fn's module
+    spaces = [vars(time), vars(timeit), getattr(fn, "__globals__", {})]
     saved = [(space, name, value) for space in spaces for name, value in list(space.items())
              if any(value is real for real in fake)]
     try:
@@ -293,36 +351,45 @@ def _simulated_time(clock: _SimulatedClock, fn):
 
 # %% ../../nbs/96_checks_deploy.ipynb #cfe8ef03
 def _latency_cases(seed: int) -> list[dict]:
-    "Simulated models: per call, the ms spent inside fn and the ms of work it leaves queued; warm-up calls are slow, the first slowest."
+    """Simulated models: per call, the ms spent inside fn and the ms of work it leaves queued; warm-up calls are
+    slow, the first slowest."""
     rng = np.random.default_rng(seed)  # a generator of its own: NumPy's global random state is the learner's
-    def timed(n, low, high, slow):  # n calls of low to high ms, `slow` of them 3 to 5 times longer (a page fault, another process)
+    # n calls of low to high ms, `slow` of them 3 to 5 times longer (a page fault, another process)
+    def timed(n, low, high, slow):
         ms = rng.uniform(low, high, n)
         ms[rng.choice(n, slow, replace=False)] *= rng.uniform(3, 5, slow)
         return ms
-    def warm(n): return np.concatenate([[120.0], rng.uniform(20, 40, max(n - 1, 0))])[:n]  # the first call compiles, allocates, loads
-    cpu = lambda runs, warmup, slow, low=2.0, high=3.0: (np.concatenate([warm(warmup), timed(runs, low, high, slow)]), np.zeros(warmup + runs))
-    gpu = lambda runs, warmup, slow, low=4.0, high=6.0: (np.full(warmup + runs, 0.05), np.concatenate([warm(warmup), timed(runs, low, high, slow)]))
+    # the first call compiles, allocates, loads
+    def warm(n): return np.concatenate([[120.0], rng.uniform(20, 40, max(n - 1, 0))])[:n]
+    cpu = lambda runs, warmup, slow, low=2.0, high=3.0: (np.concatenate([warm(warmup), timed(runs, low, high, slow)]),
+                                                         np.zeros(warmup + runs))
+    gpu = lambda runs, warmup, slow, low=4.0, high=6.0: (np.full(warmup + runs, 0.05),
+                                                         np.concatenate([warm(warmup), timed(runs, low, high, slow)]))
     return [  # (what, keyword arguments, runs, warmup, sync given, (busy ms, queued ms) per call)
-        dict(what="case 1 (a CPU model, measure_latency(fn) with the defaults runs=100, warmup=10)", kwargs={}, runs=100, warmup=10, sync=False,
-             ms=cpu(100, 10, 6)),
-        dict(what="case 2 (a GPU-like model whose calls return at once and leave their work queued: runs=37, warmup=3 and sync)",
+        dict(what="case 1 (a CPU model, measure_latency(fn) with the defaults runs=100, warmup=10)", kwargs={},
+             runs=100, warmup=10, sync=False, ms=cpu(100, 10, 6)),
+        dict(what="case 2 (a GPU-like model whose calls return at once and leave their work queued: runs=37, warmup=3 "
+                  "and sync)",
              kwargs=dict(runs=37, warmup=3), runs=37, warmup=3, sync=True, ms=gpu(37, 3, 3)),
-        dict(what="case 3 (a CPU model, runs=12, warmup=0, sync=None)", kwargs=dict(runs=12, warmup=0, sync=None), runs=12, warmup=0,
-             sync=False, ms=cpu(12, 0, 1, 1.0, 4.0)),
-        dict(what="case 4 (a GPU-like model, runs=8, warmup=5 and sync)", kwargs=dict(runs=8, warmup=5), runs=8, warmup=5, sync=True,
-             ms=gpu(8, 5, 1, 1.0, 2.0)),
+        dict(what="case 3 (a CPU model, runs=12, warmup=0, sync=None)", kwargs=dict(runs=12, warmup=0, sync=None),
+             runs=12, warmup=0, sync=False, ms=cpu(12, 0, 1, 1.0, 4.0)),
+        dict(what="case 4 (a GPU-like model, runs=8, warmup=5 and sync)", kwargs=dict(runs=8, warmup=5), runs=8,
+             warmup=5, sync=True, ms=gpu(8, 5, 1, 1.0, 2.0)),
     ]
 
 _KEYS = ("p50", "p90", "p99")
 
 def _expect_latencies(out, where: str) -> np.ndarray:
-    "p50, p90 and p99 of `out` as an array, if it is a dict that has them as numbers; otherwise `Fail` saying what came back."
+    """p50, p90 and p99 of `out` as an array, if it is a dict that has them as numbers; otherwise `Fail` saying
+    what came back."""
     if not isinstance(out, dict):
-        raise Fail(f"{where}: your function returned a {type(out).__name__}, expected a dict with keys 'p50', 'p90' and 'p99'",
+        raise Fail(f"{where}: your function returned a {type(out).__name__}, expected a dict with keys 'p50', 'p90' "
+                   f"and 'p99'",
                    "the function returns None: did you forget `return`?" if out is None else
                    "return {'p50': p50, 'p90': p90, 'p99': p99}, in milliseconds")
     if missing := [k for k in _KEYS if k not in out]:
-        raise Fail(f"{where}: your dict has no {', '.join(repr(k) for k in missing)} (its keys: {', '.join(map(repr, out))})",
+        raise Fail(f"{where}: your dict has no {', '.join(repr(k) for k in missing)} (its keys: "
+                   f"{', '.join(map(repr, out))})",
                    "use exactly the keys 'p50', 'p90' and 'p99'")
     return np.array([expect_number(out[k], f"{where}: {k}") for k in _KEYS])
 
@@ -333,39 +400,44 @@ def _timing_problem(log: list, runs: int, warmup: int, synced: bool) -> tuple[st
         n = len(calls)
         return (f"fn was called {n} times, expected warmup + runs = {warmup} + {runs} = {warmup + runs}",
                 "call fn warmup times first, untimed, then runs times, timing each call" if n == runs else
-                "run the warm-up calls and the timed calls once each: for _ in range(warmup): fn(), then for _ in range(runs): ..."
+                "run the warm-up calls and the timed calls once each: for _ in range(warmup): fn(), then for _ in "
+                "range(runs): ..."
                 if n in (runs + 2 * warmup, 2 * runs + warmup, 2 * (runs + warmup)) else
                 "call fn exactly warmup + runs times: range(n) gives n values, 0 to n - 1")
     if not any(kind == "read" for kind, _ in log):
-        return ("your function never read time.perf_counter() (the check replaces it by a simulated clock that moves with fn)",
-                "time with time.perf_counter(), the clock meant for measuring short intervals: time.time() has a coarser resolution on "
-                "some systems and follows the wall clock, which can be adjusted while you measure")
+        return ("your function never read time.perf_counter() (the check replaces it by a simulated clock that moves "
+                "with fn)",
+                "time with time.perf_counter(), the clock meant for measuring short intervals: time.time() has a "
+                "coarser resolution on some systems and follows the wall clock, which can be adjusted while you "
+                "measure")
     bounds = calls[warmup:] + [len(log)]
     for k, (start, end) in enumerate(zip(calls[warmup:], bounds[1:])):
         before = log[(calls[warmup + k - 1] + 1 if warmup + k else 0):start]
         after = log[start + 1:end]
         if not any(kind == "read" for kind, _ in before) or not any(kind == "read" for kind, _ in after):
             return (f"timed call {k + 1} of {runs} has no clock reading just before and just after it",
-                    "time each call on its own, t0 = perf_counter(); fn(); times.append(perf_counter() - t0): percentiles need "
-                    "one time per call, and the time of a whole loop divided by runs is only their mean")
+                    "time each call on its own, t0 = perf_counter(); fn(); times.append(perf_counter() - t0): "
+                    "percentiles need one time per call, and the time of a whole loop divided by runs is only their "
+                    "mean")
         if not synced: continue
         if not any(kind == "sync" for kind, _ in log):
-            return ("sync was given but never called", "call sync() after each fn(), before reading the clock: on a GPU, fn only queues "
+            return ("sync was given but never called",
+                    "call sync() after each fn(), before reading the clock: on a GPU, fn only queues "
                     "the work, and without waiting for it the clock stops before the work is done")
         first_read = next(i for i, (kind, _) in enumerate(after) if kind == "read")
         if not any(kind == "sync" for kind, _ in after[:first_read]):
             return (f"timed call {k + 1}: the clock was read before sync() waited for fn's work",
-                    "stop the clock after sync(): fn(); sync(); elapsed = perf_counter() - t0. Read before, the time is only "
-                    "that of queuing the work" if any(kind == "sync" for kind, _ in after[first_read:]) else
+                    "stop the clock after sync(): fn(); sync(); elapsed = perf_counter() - t0. Read before, the time "
+                    "is only that of queuing the work" if any(kind == "sync" for kind, _ in after[first_read:]) else
                     "call sync() after every timed call of fn, before reading the clock")
         if next(pending for kind, pending in reversed(before) if kind == "read"):
             return (f"timed call {k + 1}: the clock started while work queued by earlier calls was still running",
-                    "call sync() after the warm-up calls too (or before starting the clock): otherwise the first timed call "
-                    "also waits for the warm-up's queued work")
+                    "call sync() after the warm-up calls too (or before starting the clock): otherwise the first "
+                    "timed call also waits for the warm-up's queued work")
     return None
 
-_RANK_HINT = ("use np.percentile(times, [50, 90, 99]) with its default linear interpolation between the two nearest times, "
-              "not the time at a rounded position in the sorted list")
+_RANK_HINT = ("use np.percentile(times, [50, 90, 99]) with its default linear interpolation between the two nearest "
+              "times, not the time at a rounded position in the sorted list")
 
 def _latency_variants(ms: np.ndarray, warmup: int) -> list[tuple[str, np.ndarray]]:
     "What the typical mistakes return (p50, p90, p99) for the true per-call times `ms`, with their hints."
@@ -373,23 +445,30 @@ def _latency_variants(ms: np.ndarray, warmup: int) -> list[tuple[str, np.ndarray
     p, ranked, n = np.percentile(t, q), np.sort(t), len(t)
     return [("milliseconds: multiply the seconds perf_counter gives by 1000", p / 1e3),
             ("milliseconds: multiply the seconds perf_counter gives by 1000, not by 1e6", p * 1e3),
-            ("the warm-up calls must not be timed: they are slow (compilation, allocation, caches) and would fill the tail", np.percentile(ms, q)),
-            ("p50 is the median, np.percentile(times, 50), not the mean: a few slow calls pull the mean up", np.array([t.mean(), p[1], p[2]])),
-            ("time each call on its own: the time of the whole loop divided by runs is the mean, the same for every percentile", np.full(3, t.mean())),
-            ("np.percentile takes percents, from 0 to 100: np.percentile(times, 50) is the median (np.quantile takes 0.5)", np.percentile(t, q / 100)),
-            *[(_RANK_HINT, np.percentile(t, q, method=m)) for m in ("lower", "higher", "nearest", "midpoint", "inverted_cdf")],
+            ("the warm-up calls must not be timed: they are slow (compilation, allocation, caches) and would fill the "
+             "tail", np.percentile(ms, q)),
+            ("p50 is the median, np.percentile(times, 50), not the mean: a few slow calls pull the mean up",
+             np.array([t.mean(), p[1], p[2]])),
+            ("time each call on its own: the time of the whole loop divided by runs is the mean, the same for every "
+             "percentile", np.full(3, t.mean())),
+            ("np.percentile takes percents, from 0 to 100: np.percentile(times, 50) is the median (np.quantile takes "
+             "0.5)", np.percentile(t, q / 100)),
+            *[(_RANK_HINT, np.percentile(t, q, method=m))
+              for m in ("lower", "higher", "nearest", "midpoint", "inverted_cdf")],
             (_RANK_HINT, ranked[np.minimum((q / 100 * n).astype(int), n - 1)])]
 
 @checker
 def check_measure_latency(fn, seed: int = 0):
-    "Check `fn(fn, runs=100, warmup=10, sync=None)` on a simulated clock: p50, p90, p99 in ms of the timed calls, warm-up untimed, sync inside the timer."
+    """Check `fn(fn, runs=100, warmup=10, sync=None)` on a simulated clock: p50, p90, p99 in ms of the timed
+    calls, warm-up untimed, sync inside the timer."""
     for case in _latency_cases(seed):
         clock, where = _SimulatedClock(*case["ms"]), case["what"]
         kwargs = dict(case["kwargs"], **({"sync": clock.sync} if case["sync"] else {}))
         with _simulated_time(clock, fn):
             out, error = _outcome(fn, clock.fn, **kwargs)
         if error is not None:
-            raise _crash(fn, error, where, hints=[("NoneType' object is not callable", "sync is None unless a GPU needs it: call it only "
+            raise _crash(fn, error, where,
+                         hints=[("NoneType' object is not callable", "sync is None unless a GPU needs it: call it only "
                                                    "when it was given, if sync is not None: sync()")])
         got = _expect_latencies(out, where)
         if problem := _timing_problem(clock.log, case["runs"], case["warmup"], case["sync"]):
@@ -398,16 +477,20 @@ def check_measure_latency(fn, seed: int = 0):
         want = np.percentile(ms[case["warmup"]:], [50, 90, 99])
         if not np.allclose(got, want, rtol=1e-6, atol=0):
             wrong = [k for k, g, w in zip(_KEYS, got, want) if not np.isclose(g, w, rtol=1e-6, atol=0)]
-            hint = next((h for h, v in _latency_variants(ms, case["warmup"]) if np.allclose(got, v, rtol=1e-6, atol=0)), None)
+            hint = next((h for h, v in _latency_variants(ms, case["warmup"]) if np.allclose(got, v, rtol=1e-6, atol=0)),
+                        None)
             raise Fail(f"{where}: your {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} off (yours: " +
                        ", ".join(f"{k} {g:.4g}" for k, g in zip(_KEYS, got)) +
-                       f"), by up to {float(np.max(np.abs(got - want) / want)):.1%} from the percentiles of the timed calls",
-                       hint or "times = one perf_counter() difference per timed call, in ms; then np.percentile(times, [50, 90, 99])")
-    return ("p50, p90 and p99 match np.percentile of the true per-call times, in ms, on 4 simulated models (2 CPU, 2 GPU-like): "
-            "warm-up calls untimed, sync() before the clock stops")
+                       f"), by up to {float(np.max(np.abs(got - want) / want)):.1%} from the percentiles of the timed "
+                       f"calls",
+                       hint or "times = one perf_counter() difference per timed call, in ms; then "
+                               "np.percentile(times, [50, 90, 99])")
+    return ("p50, p90 and p99 match np.percentile of the true per-call times, in ms, on 4 simulated models (2 CPU, 2 "
+            "GPU-like): warm-up calls untimed, sync() before the clock stops")
 
 # %% ../../nbs/96_checks_deploy.ipynb #e134440d
-def _review_contract(content_type: str | None, body: bytes, max_bytes: int = 65536, max_chars: int = 2000) -> tuple[int, str]:
+def _review_contract(content_type: str | None, body: bytes, max_bytes: int = 65536,
+                     max_chars: int = 2000) -> tuple[int, str]:
     "The exercise's rules, in their order: (200, the text), or (the status, a word that the message must contain)."
     if (content_type or "").split(";")[0].strip().lower() != "application/json": return 415, "application/json"
     if len(body) > max_bytes: return 413, str(max_bytes)
@@ -425,56 +508,69 @@ def _json(obj) -> bytes: return json.dumps(obj, ensure_ascii=False).encode("utf-
 
 _JSON = "application/json"
 _UNCHANGED = "return the text unchanged: strip it only to test whether it is empty"
-_SIZE_FIRST = "check the size before parsing: a body over max_bytes is 413 whatever it holds (a server should not parse what it will refuse)"
-_OBJECT = "JSON that is not an object (a list, a string, null) is 400: check isinstance(data, dict) before looking for 'text'"
+_SIZE_FIRST = ("check the size before parsing: a body over max_bytes is 413 whatever it holds (a server should not "
+               "parse what it will refuse)")
+_OBJECT = ("JSON that is not an object (a list, a string, null) is 400: check isinstance(data, dict) before looking "
+           "for 'text'")
 _NOT_STR = "check isinstance(text, str) before text.strip() or len(text): 'text' can hold any JSON value"
 _LONG = "reject a text longer than max_chars characters: 422 when len(text) > max_chars"
 
-_REQUEST_CASES = [  # (what the request is, content type, body, keyword arguments, {the learner's answer: hint}); an answer is a
+# (what the request is, content type, body, keyword arguments, {the learner's answer: hint}); an answer is a
+_REQUEST_CASES = [
                    # status, "changed" (200, but not the text as sent), "crash", or "crash:KeyError" for one exception
     ("a review", _JSON, _json({"text": "A delight from start to finish."}), {}, {}),
     ("a review in French and Chinese, content type with '; charset=utf-8'", "application/json; charset=utf-8",
-     _json({"text": "Très bien, 好看！"}), {}, {415: "ignore the parameters after ';': 'application/json; charset=utf-8' is JSON; "
+     _json({"text": "Très bien, 好看！"}), {},
+     {415: "ignore the parameters after ';': 'application/json; charset=utf-8' is JSON; "
                                                    "compare content_type.split(';')[0].strip().lower()"}),
     ("content type 'Application/JSON'", "Application/JSON", _json({"text": "Good."}), {},
      {415: "media types are case-insensitive: 'Application/JSON' is application/json; compare after .lower()"}),
-    ("a text with spaces and a newline around it", _JSON, _json({"text": "  Loved it.\n"}), {}, {"changed": _UNCHANGED}),
+    ("a text with spaces and a newline around it", _JSON, _json({"text": "  Loved it.\n"}), {},
+     {"changed": _UNCHANGED}),
     ("a field besides 'text'", _JSON, _json({"text": "Fine.", "rating": 4}), {},
-     {400: "ignore fields other than 'text': clients may send more", 422: "ignore fields other than 'text': clients may send more"}),
+     {400: "ignore fields other than 'text': clients may send more",
+      422: "ignore fields other than 'text': clients may send more"}),
     ("a text of exactly max_chars=20 characters", _JSON, _json({"text": "a" * 20}), dict(max_chars=20),
      {422: "a text of exactly max_chars characters is allowed: 422 only when len(text) > max_chars"}),
     ("20 characters 'é' (40 bytes), max_chars=20", _JSON, _json({"text": "é" * 20}), dict(max_chars=20),
      {422: "count characters, len(text), not bytes, len(text.encode()): 'é' is one character and two bytes in UTF-8"}),
-    ("a body of exactly max_bytes bytes", _JSON, _json({"text": "Short and sweet."}), dict(max_bytes=len(_json({"text": "Short and sweet."}))),
+    ("a body of exactly max_bytes bytes", _JSON, _json({"text": "Short and sweet."}),
+     dict(max_bytes=len(_json({"text": "Short and sweet."}))),
      {413: "a body of exactly max_bytes bytes is allowed: 413 only when len(body) > max_bytes"}),
     ("content type 'text/plain'", "text/plain", _json({"text": "Great film."}), {},
      {200: "accept application/json only: any other content type, or none, is 415 Unsupported Media Type"}),
     ("no Content-Type header (None)", None, _json({"text": "Great film."}), {},
-     {"crash": "content_type is None when the request has no Content-Type header: answer 415, as for any type that is not JSON",
+     {"crash": "content_type is None when the request has no Content-Type header: answer 415, as for any type that is "
+               "not JSON",
       200: "accept application/json only: any other content type, or none, is 415 Unsupported Media Type"}),
     ("content type 'application/json-seq'", "application/json-seq", _json({"text": "Great film."}), {},
-     {200: "compare the media type exactly, not with startswith() or 'json' in ...: application/json-seq is another format"}),
-    ("an HTML form's post, 'application/x-www-form-urlencoded'", "application/x-www-form-urlencoded", b"text=Great+film", {},
+     {200: "compare the media type exactly, not with startswith() or 'json' in ...: application/json-seq is another "
+           "format"}),
+    ("an HTML form's post, 'application/x-www-form-urlencoded'", "application/x-www-form-urlencoded",
+     b"text=Great+film", {},
      {400: "check the content type first: a form's post is not JSON at all, 415, rather than malformed JSON"}),
     ("a body of 88 bytes, max_bytes=64", _JSON, _json({"text": "x" * 76}), dict(max_bytes=64),
      {422: _SIZE_FIRST, 200: "compare len(body) with max_bytes: 413 Content Too Large when it is larger"}),
-    ("a cut-off body of 90 bytes, max_bytes=64", _JSON, b'{"text": "' + b"y" * 80, dict(max_bytes=64), {400: _SIZE_FIRST}),
-    ("30 characters 'é' in a 72-byte body of 42 characters, max_bytes=64", _JSON, _json({"text": "é" * 30}), dict(max_bytes=64),
-     {200: "max_bytes limits len(body), the bytes received, not the characters after decoding"}),
+    ("a cut-off body of 90 bytes, max_bytes=64", _JSON, b'{"text": "' + b"y" * 80, dict(max_bytes=64),
+     {400: _SIZE_FIRST}),
+    ("30 characters 'é' in a 72-byte body of 42 characters, max_bytes=64", _JSON, _json({"text": "é" * 30}),
+     dict(max_bytes=64), {200: "max_bytes limits len(body), the bytes received, not the characters after decoding"}),
     ("content type 'text/plain' and a body over max_bytes=64", "text/plain", b"z" * 100, dict(max_bytes=64),
      {413: "check the rules in their order: the content type first (415), then the size (413)"}),
     ("a body in Latin-1, not UTF-8", _JSON, '{"text": "Café crème"}'.encode("latin-1"), {},
-     {"crash": "a body that is not UTF-8 makes .decode('utf-8') (and json.loads(bytes)) raise UnicodeDecodeError, which is not a "
-               "json.JSONDecodeError: catch it too and answer 400"}),
+     {"crash": "a body that is not UTF-8 makes .decode('utf-8') (and json.loads(bytes)) raise UnicodeDecodeError, "
+               "which is not a json.JSONDecodeError: catch it too and answer 400"}),
     ("a body in UTF-16", _JSON, '{"text": "Great film."}'.encode("utf-16"), {},
-     {200: "decode the body as UTF-8 yourself, body.decode('utf-8'): json.loads(bytes) also accepts UTF-16 and UTF-32"}),
+     {200: "decode the body as UTF-8 yourself, body.decode('utf-8'): "
+           "json.loads(bytes) also accepts UTF-16 and UTF-32"}),
     ("a cut-off JSON body", _JSON, b'{"text": "Great film.', {}, {}),
     ("an empty body", _JSON, b"", {}, {}),
     ("a JSON list", _JSON, _json(["Great film."]), {}, {"crash": _OBJECT, 422: _OBJECT}),
     ("a JSON string", _JSON, _json("some text about a film"), {}, {"crash": _OBJECT, 422: _OBJECT, 200: _OBJECT}),
     ("JSON null", _JSON, b"null", {}, {"crash": _OBJECT, 422: _OBJECT}),
     ("no 'text' field", _JSON, _json({"review": "Great film."}), {},
-     {"crash:KeyError": "a missing field is an answer, not an exception: data.get('text') is None when 'text' is missing: 422",
+     {"crash:KeyError": "a missing field is an answer, not an exception: data.get('text') is None when 'text' is "
+                        "missing: 422",
       "crash": _NOT_STR}),
     ("'text' is a number", _JSON, _json({"text": 5}), {}, {"crash": _NOT_STR, 200: _NOT_STR}),
     ("'text' is null", _JSON, _json({"text": None}), {}, {"crash": _NOT_STR, 200: _NOT_STR}),
@@ -487,26 +583,31 @@ _REQUEST_CASES = [  # (what the request is, content type, body, keyword argument
 
 _STATUS_HINTS = {  # what to look at when a request that should get this status got another
     200: "a valid request: return (200, text)",
-    415: "check the content type first: its media type (before any ';'), lower-cased, must be exactly application/json; else 415",
+    415: "check the content type first: its media type (before any ';'), lower-cased, must be exactly "
+         "application/json; else 415",
     413: "then compare len(body) with max_bytes, before decoding or parsing: 413 when it is larger",
-    400: "a body that is not UTF-8 (UnicodeDecodeError), not JSON (json.JSONDecodeError), or JSON that is not an object is malformed: 400",
-    422: "valid JSON whose 'text' is missing, not a string, empty or whitespace only, or longer than max_chars characters is 422 "
-         "Unprocessable Content, not 400: the request is well-formed, its content is not",
+    400: "a body that is not UTF-8 (UnicodeDecodeError), not JSON (json.JSONDecodeError), or JSON that is not an "
+         "object is malformed: 400",
+    422: "valid JSON whose 'text' is missing, not a string, empty or whitespace only, or longer than max_chars "
+         "characters is 422 Unprocessable Content, not 400: the request is well-formed, its content is not",
 }
-_ALL_400 = ("each problem has its own status, so that a client knows what to fix: 415 for the content type, 413 for the size, "
-            "400 for a body that is not a UTF-8 JSON object, 422 for a bad 'text'")
+_ALL_400 = ("each problem has its own status, so that a client knows what to fix: 415 for the content type, 413 for "
+            "the size, 400 for a body that is not a UTF-8 JSON object, 422 for a bad 'text'")
 
 def _expect_response(out, where: str) -> tuple[int, str]:
     "(status, message) if `out` is a pair of an int and a str; otherwise `Fail` saying what came back."
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
         raise Fail(f"{where}: your function returned {got}, expected a tuple (status, message)",
-                   "the function returns None: did you forget `return`?" if out is None else "return status, message, e.g. return 415, '...'")
+                   "the function returns None: did you forget `return`?" if out is None
+                   else "return status, message, e.g. return 415, '...'")
     status, message = out
     if isinstance(message, int) and isinstance(status, str):
-        raise Fail(f"{where}: your function returned (message, status)", "the status comes first: return status, message")
+        raise Fail(f"{where}: your function returned (message, status)",
+                   "the status comes first: return status, message")
     if isinstance(status, bool) or not isinstance(status, (int, np.integer)):
-        raise Fail(f"{where}: the status is a {type(status).__name__}, expected an int such as 200 or 415", "HTTP statuses are ints: 415, not '415'")
+        raise Fail(f"{where}: the status is a {type(status).__name__}, expected an int such as 200 or 415",
+                   "HTTP statuses are ints: 415, not '415'")
     if not isinstance(message, str):
         raise Fail(f"{where}: the message is a {type(message).__name__}, expected a str",
                    "return the text itself on success, and a sentence that says what is wrong otherwise")
@@ -514,22 +615,26 @@ def _expect_response(out, where: str) -> tuple[int, str]:
 
 @checker
 def check_validate_review_request(fn):
-    "Check `fn(content_type, body, max_bytes=65536, max_chars=2000)` -> (status, message) against the exercise's rules, on 30 requests."
+    """Check `fn(content_type, body, max_bytes=65536, max_chars=2000)` -> (status, message) against the
+    exercise's rules, on 30 requests."""
     results = []
     for case, (what, content_type, body, kwargs, hints) in enumerate(_REQUEST_CASES, 1):
         where = f"case {case} ({what})"
         out, error = _outcome(fn, content_type, body, **kwargs)
         got = None if error is not None else _expect_response(out, where)
         want = _review_contract(content_type, body, **kwargs)
-        answer = "crash" if error is not None else got[0] if got[0] != want[0] else "changed" if want[0] == 200 and got[1] != want[1] else None
+        answer = ("crash" if error is not None else got[0] if got[0] != want[0]
+                  else "changed" if want[0] == 200 and got[1] != want[1] else None)
         results.append(dict(where=where, error=error, got=got, want=want, hints=hints, answer=answer))
     if bad := [r for r in results if r["answer"] is not None]:
         r, (status, text) = bad[0], bad[0]["want"]
         others = [s["got"][0] for s in results if s["error"] is None and s["want"][0] not in (200, 400)]
         crash = r["answer"] == "crash"
         hint = (_ALL_400 if r["answer"] == 400 and others and all(s == 400 for s in others) else
-                (r["hints"].get(f"crash:{type(r['error']).__name__}") if crash else None) or r["hints"].get(r["answer"]) or
-                (_UNCHANGED if r["answer"] == "changed" and r["got"][1] == text.strip() else None) or (None if crash else _STATUS_HINTS[status]))
+                (r["hints"].get(f"crash:{type(r['error']).__name__}") if crash else None)
+                or r["hints"].get(r["answer"])
+                or (_UNCHANGED if r["answer"] == "changed" and r["got"][1] == text.strip() else None)
+                or (None if crash else _STATUS_HINTS[status]))
         where = f"wrong on {len(bad)} of {len(results)} requests, first on {r['where']}"
         if crash: raise _crash(fn, r["error"], where, hint)
         if r["answer"] == "changed":
@@ -540,11 +645,13 @@ def check_validate_review_request(fn):
         (status, message), word = r["got"], r["want"][1]
         if status == 200: continue
         if not message.strip():
-            raise Fail(f"{r['where']}: status {status} is right, but the message is empty", "say what is wrong, so that the client can fix it")
+            raise Fail(f"{r['where']}: status {status} is right, but the message is empty",
+                       "say what is wrong, so that the client can fix it")
         spellings = {word, f"{int(word):,}"} if word.isdigit() else {word}  # a limit may be written 2000 or 2,000
         if not any(re.search(rf"(?<![\d,]){re.escape(w)}(?![\d,]\d)", message, re.IGNORECASE) for w in spellings):
-            raise Fail(f"{r['where']}: status {status} is right, but the message {_short(message, 80)!r} does not mention {word!r}",
-                       "a message names the problem: application/json for 415, the limit max_bytes for 413, UTF-8 or JSON for 400, "
-                       "'text' for 422 (and the limit max_chars when the text is too long)")
-    return (f"answers all {len(results)} requests as the rules say (415, 413, 400, 422 and 200, limits at their edges, non-ASCII text), "
-            "with messages that name the problem")
+            raise Fail(f"{r['where']}: status {status} is right, but the message {_short(message, 80)!r} does not "
+                       f"mention {word!r}",
+                       "a message names the problem: application/json for 415, the limit max_bytes for 413, UTF-8 or "
+                       "JSON for 400, 'text' for 422 (and the limit max_chars when the text is too long)")
+    return (f"answers all {len(results)} requests as the rules say (415, 413, 400, 422 and 200, limits at their "
+            f"edges, non-ASCII text), with messages that name the problem")

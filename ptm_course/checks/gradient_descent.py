@@ -80,7 +80,8 @@ def check_mse_gradient(fn, seed: int = 0):
 _SMOOTH_FUNCTIONS = [
     ("sum(sin(x) * x**2)", lambda x: (torch.sin(x) * x**2).sum(), 6),
     ("logsumexp(x)", lambda x: torch.logsumexp(x, 0), 4),
-    ("sum(exp(x_i / 2) * x_(i+1)) + prod(cos(x))", lambda x: (torch.exp(x[:-1] / 2) * x[1:]).sum() + torch.cos(x).prod(), 5),
+    ("sum(exp(x_i / 2) * x_(i+1)) + prod(cos(x))",
+     lambda x: (torch.exp(x[:-1] / 2) * x[1:]).sum() + torch.cos(x).prod(), 5),
 ]
 
 def _difference_variants(f, x: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
@@ -91,8 +92,10 @@ def _difference_variants(f, x: torch.Tensor, eps: float) -> dict[str, torch.Tens
     central = (plus - minus) / (2 * eps)
     all_at_once = (f(x + eps) - f(x - eps)) / (2 * eps) * torch.ones_like(x)
     return {
-        "a one-sided (forward) difference: its error shrinks like eps, the central difference's like eps**2": (plus - fx) / eps,
-        "a one-sided (backward) difference: its error shrinks like eps, the central difference's like eps**2": (fx - minus) / eps,
+        "a one-sided (forward) difference: its error shrinks like eps, the central difference's like eps**2":
+            (plus - fx) / eps,
+        "a one-sided (backward) difference: its error shrinks like eps, the central difference's like eps**2":
+            (fx - minus) / eps,
         "the two points x + eps and x - eps are 2 * eps apart: divide by 2 * eps, not eps": 2 * central,
         "wrong sign: f(x + eps * e_i) comes first in the difference": -central,
         "perturb one coordinate at a time (x + eps * e_i), not all of them at once": all_at_once,
@@ -173,7 +176,8 @@ def check_sgd_momentum_step(fn, steps: int = 5, seed: int = 0):
             if not (close(p, wp, 1e-5) and close(v, wv, 1e-5)):
                 wrong = [f"{n} (relative error {relative_error(a, b):.1e})" for n, a, b in
                          (("parameters", p, wp), ("velocity", v, wv)) if not close(a, b, 1e-5)]
-                hint = diagnose(got, {h: _rule_trajectory(rule, p0, grads[:t + 1], lr, mu) for h, rule in _MOMENTUM_MISTAKES.items()}, 1e-5)
+                hint = diagnose(got, {h: _rule_trajectory(rule, p0, grads[:t + 1], lr, mu)
+                                      for h, rule in _MOMENTUM_MISTAKES.items()}, 1e-5)
                 raise Fail(f"step {t + 1} of case {case} (lr={lr}, momentum={mu}): wrong {' and '.join(wrong)}",
                            hint or "first v <- momentum * v + grad, then param <- param - lr * v")
     return f"matches torch.optim.SGD over {steps} steps in {len(cases)} random cases"
@@ -221,7 +225,8 @@ _ADAM_MISTAKES = {
 def check_adam_step(fn, steps: int = 6, seed: int = 0):
     "Check `fn(param, grad, m, v, t, lr, beta1, beta2, eps) -> (param, m, v)` against `torch.optim.Adam`."
     gen = _generator(seed)
-    cases = [((5,), 0.1, (0.9, 0.999), 1e-8, 1.0), ((3, 4), 0.01, (0.8, 0.99), 1e-8, 1.0), ((6,), 0.05, (0.9, 0.999), 1e-2, 1e-2)]
+    cases = [((5,), 0.1, (0.9, 0.999), 1e-8, 1.0), ((3, 4), 0.01, (0.8, 0.99), 1e-8, 1.0),
+             ((6,), 0.05, (0.9, 0.999), 1e-2, 1e-2)]
     for case, (shape, lr, (b1, b2), eps, scale) in enumerate(cases, 1):
         p0 = torch.randn(shape, generator=gen)
         grads = [scale * torch.randn(shape, generator=gen) for _ in range(steps)]
@@ -229,7 +234,8 @@ def check_adam_step(fn, steps: int = 6, seed: int = 0):
         p, m, v, got = p0.clone(), torch.zeros(shape), torch.zeros(shape), []
         for t, g in enumerate(grads, 1):
             out = attempt(fn, p.clone(), g.clone(), m.clone(), v.clone(), t, lr, b1, b2, eps)
-            if isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in out):
+            if isinstance(out, (tuple, list)) and any(
+                isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in out):
                 raise Fail(f"step t={t} of case {case}: your result contains NaN or inf",
                            "v must average the squared gradient g**2 (never negative), and the bias corrections "
                            "1 - beta**t must use t itself (t = 1 on the first step, so they are never 0)")
@@ -238,11 +244,14 @@ def check_adam_step(fn, steps: int = 6, seed: int = 0):
             wp, wm, wv = want[t - 1]
             if not all(close(a, b, 1e-5) for a, b in ((p, wp), (m, wm), (v, wv))):
                 wrong = [n for n, a, b in (("parameters", p, wp), ("m", m, wm), ("v", v, wv)) if not close(a, b, 1e-5)]
-                variants = {h: _rule_trajectory_adam(rule, p0, grads[:t], lr, b1, b2, eps) for h, rule in _ADAM_MISTAKES.items()}
+                variants = {h: _rule_trajectory_adam(rule, p0, grads[:t], lr, b1, b2, eps)
+                            for h, rule in _ADAM_MISTAKES.items()}
                 hint = diagnose(got, variants, 1e-5)
-                raise Fail(f"step t={t} of case {case} (lr={lr}, betas=({b1}, {b2}), eps={eps:g}): wrong {', '.join(wrong)} "
-                           f"(relative error {max(relative_error(a, b) for a, b in ((p, wp), (m, wm), (v, wv))):.1e})",
-                           hint or "follow the update in the exercise text line by line: m, v, their bias corrections, then the step")
+                raise Fail(f"step t={t} of case {case} (lr={lr}, betas=({b1}, {b2}), eps={eps:g}): wrong "
+                           f"{', '.join(wrong)} (relative error "
+                           f"{max(relative_error(a, b) for a, b in ((p, wp), (m, wm), (v, wv))):.1e})",
+                           hint or "follow the update in the exercise text line by line: m, v, their bias "
+                                   "corrections, then the step")
     return f"matches torch.optim.Adam over {steps} steps in {len(cases)} random cases"
 
 def _rule_trajectory_adam(step, param, grads, lr, b1, b2, eps) -> list[tuple]:
@@ -265,7 +274,8 @@ def _spd_matrix(d: int, gen: torch.Generator, diagonal: bool = False) -> torch.T
 def check_max_stable_learning_rate(fn, seed: int = 0):
     "Check `fn(A)`, the largest learning rate at which gradient descent converges on 1/2 x^T A x, against eigvalsh."
     gen = _generator(seed)
-    cases = [(_spd_matrix(d, gen, diagonal=diag), d, diag) for d, diag in [(5, False), (2, False), (10, False), (3, True), (1, False)]]
+    cases = [(_spd_matrix(d, gen, diagonal=diag), d, diag)
+             for d, diag in [(5, False), (2, False), (10, False), (3, True), (1, False)]]
     for case, (A, d, diag) in enumerate(cases, 1):
         before = A.clone()
         out = expect_number(attempt(fn, A), "the learning rate")
@@ -276,15 +286,18 @@ def check_max_stable_learning_rate(fn, seed: int = 0):
             hint = diagnose(out, {
                 "1/lambda_max is the rate that removes the steepest direction's error in one step; "
                 "gradient descent still converges (oscillating) up to twice that": want / 2,
-                "the steepest direction (largest eigenvalue) is the first to diverge, not the flattest one": 2 / lam.min().item(),
-                "use the largest eigenvalue, and 2 / lambda (1 / lambda is not the edge of stability)": 1 / lam.min().item(),
+                "the steepest direction (largest eigenvalue) is the first to diverge, not the flattest one":
+                    2 / lam.min().item(),
+                "use the largest eigenvalue, and 2 / lambda (1 / lambda is not the edge of stability)":
+                    1 / lam.min().item(),
                 "the trace is the sum of all eigenvalues, not the largest one": 2 / before.trace().item(),
                 "the diagonal entries are the eigenvalues only when A is diagonal": 2 / before.diagonal().max().item(),
                 "the Frobenius norm is not the largest eigenvalue": 2 / torch.linalg.matrix_norm(before).item(),
                 "upside down: the rate is 2 divided by the largest eigenvalue": lam.max().item() / 2,
             }, 1e-3)
             raise Fail(f"case {case} ({d}x{d}{', diagonal' if diag else ''} matrix): your rate is off by "
-                       f"{100 * abs(out - want) / want:.1f}%", hint or "the rate depends on the largest eigenvalue of A")
+                       f"{100 * abs(out - want) / want:.1f}%",
+                       hint or "the rate depends on the largest eigenvalue of A")
     return f"matches 2 / lambda_max from torch.linalg.eigvalsh on {len(cases)} random matrices"
 
 # %% ../../nbs/91_checks_gradient_descent.ipynb #a63506f7
@@ -334,10 +347,12 @@ def check_two_layer_mlp_gradients(fn, seed: int = 0):
             args = [t.double() for t in before.values()]
             hint = diagnose(got, {h_: _mlp_backward(*args, **kw) for h_, kw in _MLP_MISTAKES.items()}, 1e-4)
             if hint is None and set(wrong) <= {0, 1}:
-                hint = "the output layer is right, so look at the backward pass through W2 (dH = dY_hat @ W2.T) and the ReLU"
+                hint = ("the output layer is right, so look at the backward pass through W2 (dH = dY_hat @ W2.T) "
+                        "and the ReLU")
             right = [names[i] for i in range(4) if i not in wrong]
             raise Fail(f"case {case} (N={n}, D={d}, H={h}, K={k}): "
-                       + ", ".join(f"{names[i]} is wrong (relative error {relative_error(got[i], want[i]):.1e})" for i in wrong)
+                       + ", ".join(
+                           f"{names[i]} is wrong (relative error {relative_error(got[i], want[i]):.1e})" for i in wrong)
                        + (f"; {', '.join(right)} right" if right else ""),
                        hint or "go backwards one line of the forward pass at a time, checking each shape")
     return f"all four gradients match autograd on {len(cases)} random networks"
@@ -353,7 +368,8 @@ def _torch_schedule(base_lr: float, warmup: int, total: int, min_lr: float) -> l
         else:
             first = (LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1) if warmup > 1
                      else ConstantLR(opt, factor=1.0, total_iters=1))
-            sched = SequentialLR(opt, [first, CosineAnnealingLR(opt, T_max=total - warmup, eta_min=min_lr)], milestones=[warmup])
+            sched = SequentialLR(opt, [first, CosineAnnealingLR(opt, T_max=total - warmup, eta_min=min_lr)],
+                                 milestones=[warmup])
         lrs = []
         for _ in range(total + 1):
             lrs.append(opt.param_groups[0]["lr"])
@@ -374,7 +390,8 @@ def _schedule(base, W, T, min_lr, warmup="s+1", decay="cosine", floor=True, star
     return lrs
 
 _SCHEDULE_MISTAKES = {
-    "the first warmup step already uses base_lr / W: use (s + 1) / W, so the last warmup step reaches base_lr": dict(warmup="s"),
+    "the first warmup step already uses base_lr / W: use (s + 1) / W, so the last warmup step reaches base_lr":
+        dict(warmup="s"),
     "the decay ends at min_lr, not at 0": dict(floor=False),
     "measure the decay's progress from the end of warmup: (s - W) / (T - W)": dict(start="0", span="T"),
     "the decay lasts T - W steps, not T: progress is (s - W) / (T - W)": dict(span="T"),
@@ -395,7 +412,9 @@ def check_warmup_cosine_lr(fn):
             s = bad[0]
             phase = "warmup" if s < W else "decay"
             hint = diagnose(got, {h: _schedule(base, W, T, min_lr, **kw) for h, kw in _SCHEDULE_MISTAKES.items()}, 1e-6)
-            raise Fail(f"base_lr={base:g}, warmup_steps={W}, total_steps={T}, min_lr={min_lr:g}: the rate is wrong from step {s} "
-                       f"({phase}; off by {100 * abs(got[s] - want[s]) / base:.1f}% of base_lr), at {len(bad)} of {T + 1} steps",
-                       hint or ("check the warmup formula" if phase == "warmup" else "check the decay formula and its progress variable"))
+            raise Fail(f"base_lr={base:g}, warmup_steps={W}, total_steps={T}, min_lr={min_lr:g}: the rate is wrong "
+                       f"from step {s} ({phase}; off by {100 * abs(got[s] - want[s]) / base:.1f}% of base_lr), at "
+                       f"{len(bad)} of {T + 1} steps",
+                       hint or ("check the warmup formula" if phase == "warmup"
+                                else "check the decay formula and its progress variable"))
     return f"matches torch.optim.lr_scheduler at every step of {len(cases)} schedules"

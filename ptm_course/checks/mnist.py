@@ -39,7 +39,8 @@ def _formula_shape(layers, shape, ceil=False, padding=True, dilation=True, strid
     for layer in layers:
         if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             c, h, w = shape
-            k, s, p, d = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding), _pair(getattr(layer, "dilation", 1))
+            k, s, p, d = (_pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding),
+                          _pair(getattr(layer, "dilation", 1)))
             if not stride or (not pool_stride and not isinstance(layer, nn.Conv2d)): s = (1, 1)
             if not padding: p = (0, 0)
             if not dilation: d = (1, 1)
@@ -54,7 +55,8 @@ _SHAPE_MISTAKES = {
     "padding adds p pixels on both sides: n + 2p": dict(padding=False),
     "a dilated kernel spans d(k - 1) + 1 pixels: subtract d(k - 1), not k - 1": dict(dilation=False),
     "the stride divides: (n + 2p - d(k - 1) - 1) // s + 1": dict(stride=False),
-    "a pooling layer's stride defaults to its kernel size, so MaxPool2d(2) halves the size: read layer.stride": dict(pool_stride=False),
+    "a pooling layer's stride defaults to its kernel size, so MaxPool2d(2) halves the size: read layer.stride":
+        dict(pool_stride=False),
     "a convolution's output has out_channels channels (pooling keeps the channel count)": dict(channels=False),
     "Flatten multiplies all three dimensions, channels included": dict(flatten_channels=False),
 }
@@ -62,17 +64,20 @@ _SHAPE_MISTAKES = {
 def _shape_cases() -> list[tuple[str, list, tuple]]:
     "(description, layers, input shape) for every case; the layers are built with a fixed seed."
     def build():
-        seed_cnn = [nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
-                    nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10)]
+        seed_cnn = [nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2),
+                    nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5),
+                    nn.Linear(128, 10)]
         return [
             ("the seed's CNN up to its pooling", seed_cnn[:5], (1, 28, 28)),
             ("the seed's CNN up to Flatten", seed_cnn[:7], (1, 28, 28)),
             ("the seed's whole CNN", seed_cnn, (1, 28, 28)),
-            ("stride 2 with padding 2, 3x3 pooling with stride 2, a 3x5 kernel", [nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(),
-             nn.MaxPool2d(3, stride=2), nn.Conv2d(8, 16, (3, 5), padding=(1, 0)), nn.AvgPool2d(2)], (3, 33, 47)),
+            ("stride 2 with padding 2, 3x3 pooling with stride 2, a 3x5 kernel",
+             [nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool2d(3, stride=2),
+              nn.Conv2d(8, 16, (3, 5), padding=(1, 0)), nn.AvgPool2d(2)], (3, 33, 47)),
             ("dilation 2, padded pooling, stride 3, then Flatten", [nn.Conv2d(1, 4, 3, dilation=2), nn.BatchNorm2d(4),
              nn.MaxPool2d(2, padding=1), nn.Conv2d(4, 6, 4, stride=3, padding=1), nn.Flatten()], (1, 29, 30)),
-            ("a 2x3 pooling window, a (1, 2) stride", [nn.Conv2d(2, 5, 1), nn.MaxPool2d((2, 3)), nn.Conv2d(5, 3, 2, stride=(1, 2))], (2, 15, 16)),
+            ("a 2x3 pooling window, a (1, 2) stride",
+             [nn.Conv2d(2, 5, 1), nn.MaxPool2d((2, 3)), nn.Conv2d(5, 3, 2, stride=(1, 2))], (2, 15, 16)),
         ]
     return _seeded(0, build)
 
@@ -83,23 +88,27 @@ def _expect_shape(value, name: str = "the shape") -> tuple:
     "`value` as a tuple of ints if it is a tuple, list or torch.Size of whole numbers; otherwise `Fail`."
     if not isinstance(value, (tuple, list, torch.Size)):
         raise Fail(f"{name} is a {type(value).__name__}, expected a tuple of ints",
-                   "the function returns None: did you forget `return`?" if value is None else "return a tuple such as (channels, height, width)")
+                   "the function returns None: did you forget `return`?" if value is None
+                   else "return a tuple such as (channels, height, width)")
     out = []
     for v in value:
         if isinstance(v, torch.Tensor) and v.ndim == 0: v = v.item()
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise Fail(f"{name} holds a {type(v).__name__}, expected ints", "return a tuple of Python ints")
         if float(v) != int(v):
-            raise Fail(f"{name} holds the fraction {float(v):g}", "a size is a whole number: the formula rounds down (// in Python)")
+            raise Fail(f"{name} holds the fraction {float(v):g}",
+                       "a size is a whole number: the formula rounds down (// in Python)")
         if isinstance(v, (float, np.floating)):
-            raise Fail(f"{name} holds floats such as {float(v):g}", "sizes are ints: use // (floor division) instead of /, or int(...)")
+            raise Fail(f"{name} holds floats such as {float(v):g}",
+                       "sizes are ints: use // (floor division) instead of /, or int(...)")
         out.append(int(v))
     return tuple(out)
 
 @checker
 @_single_threaded
 def check_output_shape(fn):
-    "Check `fn(layers, input_shape)`, the shape (without the batch dimension) a stack of layers produces, by running them."
+    """Check `fn(layers, input_shape)`, the shape (without the batch dimension) a stack of layers produces, by
+    running them."""
     cases = _shape_cases()
     got, want, variants = [], [], []
     for desc, layers, shape in cases:
@@ -113,7 +122,8 @@ def check_output_shape(fn):
         i = bad[0]
         hint = next((h for h in _SHAPE_MISTAKES if all(v[h] == g for v, g in zip(variants, got))), None)
         raise Fail(f"wrong shape on {len(bad)} of {len(cases)} stacks, first on {cases[i][0]} (input {cases[i][2]}): "
-                   f"yours is {got[i]}", hint or "apply floor((n + 2p - d(k - 1) - 1) / s) + 1 to height and width, layer by layer")
+                   f"yours is {got[i]}",
+                   hint or "apply floor((n + 2p - d(k - 1) - 1) / s) + 1 to height and width, layer by layer")
     return f"matches running the layers on {len(cases)} stacks, the seed's CNN included"
 
 # %% ../../nbs/93_checks_mnist.ipynb #6132bcd8
@@ -123,25 +133,29 @@ def _accuracy_variants(logits, labels) -> dict:
     variants = {
         "you returned the number of correct predictions: divide by the number of examples": correct.sum(),
         "accuracy is a fraction between 0 and 1, not a percentage": 100 * correct.mean(),
-        "a tie is not a hit just because the label is among the maxima: the prediction is the first class with the largest logit "
+        "a tie is not a hit just because the label is among the maxima: the prediction is the first class with the "
+        "largest logit "
         "(torch.argmax)": (logits.gather(1, labels[:, None]).squeeze(1) == logits.max(1).values).double().mean(),
         "ties go to the first (lowest) class index among the maxima, as torch.argmax does":
             ((C - 1 - logits.flip(1).argmax(1)) == labels).double().mean(),
     }
     if logits.shape[0] == C:
-        variants["the argmax runs over the classes, the last dimension (dim=1), not over the examples"] = (logits.argmax(0) == labels).double().mean()
+        variants["the argmax runs over the classes, the last dimension (dim=1), not over the examples"] = (
+            logits.argmax(0) == labels).double().mean()
     return variants
 
 @checker
 @_single_threaded
 def check_accuracy(fn, seed: int = 0):
-    "Check `fn(logits, labels)`, the fraction of examples whose argmax is the label, against NumPy on random logits with ties."
+    """Check `fn(logits, labels)`, the fraction of examples whose argmax is the label, against NumPy on random
+    logits with ties."""
     gen = _generator(seed)
     cases = [("10 examples of 10 classes", 10, 10, "normal"), ("200 examples of 10 classes", 200, 10, "normal"),
              ("60 examples with integer logits (many ties)", 60, 4, "ties"), ("a single example", 1, 3, "normal"),
              ("50 examples of 2 classes", 50, 2, "normal")]
     for desc, n, c, kind in cases:
-        logits = (torch.randint(3, (n, c), generator=gen).float() if kind == "ties" else torch.randn(n, c, generator=gen))
+        logits = (
+            torch.randint(3, (n, c), generator=gen).float() if kind == "ties" else torch.randn(n, c, generator=gen))
         labels = torch.randint(c, (n,), generator=gen)
         if n == 1: labels = logits.argmax(1)
         before = {"logits": logits.clone(), "labels": labels.clone()}
@@ -160,7 +174,8 @@ def _expect_counts(value, k: int) -> torch.Tensor:
     "`value` as an int64 (k, k) tensor if it is a tensor of that shape with whole-number entries; otherwise `Fail`."
     if not isinstance(value, torch.Tensor):
         raise Fail(f"the matrix is a {type(value).__name__}, expected a torch.Tensor of shape ({k}, {k})",
-                   "the function returns None: did you forget `return`?" if value is None else "build it with torch.zeros / torch.bincount")
+                   "the function returns None: did you forget `return`?" if value is None
+                   else "build it with torch.zeros / torch.bincount")
     if tuple(value.shape) != (k, k):
         square = value.ndim == 2 and value.shape[0] == value.shape[1]
         raise Fail(f"the matrix has shape {tuple(value.shape)}, expected ({k}, {k})",
@@ -190,15 +205,19 @@ def check_confusion_matrix(fn, seed: int = 0):
                 "rows are the true classes and columns the predictions: your matrix is transposed": want.T,
                 "C[labels, predictions] += 1 does not accumulate repeated pairs (each pair counts once): "
                 "use C.index_put_(..., accumulate=True), torch.bincount, or a loop": (want > 0).long(),
-                "count the mistakes too: entry (i, j) counts true class i predicted as j, also for i != j": torch.diag(torch.diag(want)),
-                "the matrix holds counts, not fractions: don't normalise the rows": want / want.sum(1, keepdim=True).clamp_min(1),
+                "count the mistakes too: entry (i, j) counts true class i predicted as j, also for i != j":
+                    torch.diag(torch.diag(want)),
+                "the matrix holds counts, not fractions: don't normalise the rows":
+                    want / want.sum(1, keepdim=True).clamp_min(1),
             }, 1e-6)
-            raise Fail(f"wrong counts on {desc}", hint or "entry (i, j) = the number of examples with label i and prediction j")
+            raise Fail(f"wrong counts on {desc}",
+                       hint or "entry (i, j) = the number of examples with label i and prediction j")
     return f"matches torch.bincount on {len(cases)} cases, an absent class included"
 
 # %% ../../nbs/93_checks_mnist.ipynb #0e2f11d6
 def _small_cnn(seed: int) -> nn.Module:
-    return _seeded(seed, lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 5 * 5, 10)))
+    return _seeded(seed, lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                               nn.Linear(4 * 5 * 5, 10)))
 
 def _flat(model: nn.Module) -> torch.Tensor: return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -218,14 +237,16 @@ _STEP_MISTAKES = {
     "the gradients from an earlier backward() were still in .grad and yours were added to them: zero them first "
     "(model.zero_grad())": dict(zero=False),
     "wrong sign: gradient descent subtracts lr * grad": dict(sign=-1.0),
-    "F.cross_entropy takes the raw logits (it applies log_softmax itself): don't softmax them first": dict(loss="softmax"),
+    "F.cross_entropy takes the raw logits (it applies log_softmax itself): don't softmax them first":
+        dict(loss="softmax"),
     "F.nll_loss expects log-probabilities: use F.cross_entropy on the raw logits": dict(loss="nll"),
 }
 
 @checker
 @_single_threaded
 def check_train_step(fn, steps: int = 3, lr: float = 0.1, seed: int = 0):
-    "Check `fn(model, images, labels, lr)`, one in-place SGD step returning the loss, against torch.optim.SGD on a copy."
+    """Check `fn(model, images, labels, lr)`, one in-place SGD step returning the loss, against torch.optim.SGD
+    on a copy."""
     gen = _generator(seed)
     model = _small_cnn(seed)
     reference = copy.deepcopy(model)
@@ -248,43 +269,53 @@ def check_train_step(fn, steps: int = 3, lr: float = 0.1, seed: int = 0):
                        "update each parameter in place under torch.no_grad(): p -= lr * p.grad "
                        "(p = p - lr * p.grad only rebinds a local name)")
         if not close(got, want, 1e-5):
-            hint = diagnose(got, {h: _step_variant(start, stale, x, y, lr, **kw) for h, kw in _STEP_MISTAKES.items()}, 1e-5)
-            raise Fail(f"step {step} of {steps}: the parameters after your step are wrong (relative error {relative_error(got, want):.1e})",
+            hint = diagnose(got, {h: _step_variant(start, stale, x, y, lr, **kw) for h, kw in _STEP_MISTAKES.items()},
+                            1e-5)
+            raise Fail(f"step {step} of {steps}: the parameters after your step are wrong (relative error "
+                       f"{relative_error(got, want):.1e})",
                        hint or "zero the gradients, loss = F.cross_entropy(model(images), labels), loss.backward(), "
                                "then p -= lr * p.grad for every parameter")
         if abs(loss - want_loss.item()) > 1e-5 * max(1.0, abs(want_loss.item())):
             with torch.no_grad(): after = F.cross_entropy(reference(x), y).item()
             raise Fail(f"step {step}: the parameters are right but the returned loss is not",
-                       "you returned the loss after the update: return the one computed before it (the one you called backward on)"
-                       if abs(loss - after) < 1e-5 * max(1.0, abs(after)) else "return the cross-entropy on this batch as a float (loss.item())")
+                       "you returned the loss after the update: return the one computed before it (the one you called "
+                       "backward on)"
+                       if abs(loss - after) < 1e-5 * max(1.0, abs(after))
+                       else "return the cross-entropy on this batch as a float (loss.item())")
     return f"matches torch.optim.SGD over {steps} steps, stale gradients included"
 
 # %% ../../nbs/93_checks_mnist.ipynb #29620a8e
 def _encoder_and_head(seed: int) -> tuple[nn.Module, nn.Module]:
-    return _seeded(seed, lambda: (nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 16), nn.ReLU()),
+    return _seeded(seed, lambda: (nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 16),
+                                                nn.ReLU()),
                                   nn.Linear(16, 10)))
 
 @checker
 @_single_threaded
 def check_freeze_encoder(fn, lr: float = 0.05, seed: int = 0):
-    "Check `fn(encoder, head, lr)`: the encoder frozen, and an optimizer over the head only that leaves the encoder unchanged."
+    """Check `fn(encoder, head, lr)`: the encoder frozen, and an optimizer over the head only that leaves the
+    encoder unchanged."""
     encoder, head = _encoder_and_head(seed)
     opt = attempt(fn, encoder, head, lr)
     if not isinstance(opt, torch.optim.Optimizer):
         raise Fail(f"your function returned a {type(opt).__name__}, expected a torch.optim optimizer",
-                   "the function returns None: did you forget `return`?" if opt is None else "return the optimizer, e.g. torch.optim.SGD(...)")
+                   "the function returns None: did you forget `return`?" if opt is None
+                   else "return the optimizer, e.g. torch.optim.SGD(...)")
     enc, hd = list(encoder.parameters()), list(head.parameters())
     trainable = sum(p.requires_grad for p in enc)
     if trainable:
-        hint = ("encoder.requires_grad = False only sets a plain attribute on the module object: set it on every parameter "
-                "(for p in encoder.parameters(): p.requires_grad = False), or call encoder.requires_grad_(False)"
+        hint = ("encoder.requires_grad = False only sets a plain attribute on the module object: set it on every "
+                "parameter (for p in encoder.parameters(): p.requires_grad = False), or call "
+                "encoder.requires_grad_(False)"
                 if encoder.__dict__.get("requires_grad") is False else
-                "eval() switches dropout and batch norm to inference; it does not stop gradients: set requires_grad = False "
-                "on the encoder's parameters" if not encoder.training else
-                "set requires_grad = False on every parameter of the encoder, so that backward() computes nothing for them")
+                "eval() switches dropout and batch norm to inference; it does not stop gradients: set requires_grad = "
+                "False on the encoder's parameters" if not encoder.training else
+                "set requires_grad = False on every parameter of the encoder, so that backward() computes nothing "
+                "for them")
         raise Fail(f"{trainable} of the encoder's {len(enc)} parameters still require gradients", hint)
     if not all(p.requires_grad for p in hd):
-        raise Fail("some of the head's parameters were frozen too", "freeze the encoder only: the head is what fine-tuning trains")
+        raise Fail("some of the head's parameters were frozen too",
+                   "freeze the encoder only: the head is what fine-tuning trains")
     held = {id(p) for group in opt.param_groups for p in group["params"]}
     if any(id(p) in held for p in enc):
         raise Fail("the optimizer holds the encoder's parameters",
@@ -292,10 +323,12 @@ def check_freeze_encoder(fn, lr: float = 0.05, seed: int = 0):
                    "moves them as soon as they are unfrozen")
     missing = [n for n, p in head.named_parameters() if id(p) not in held]
     if missing:
-        raise Fail(f"the optimizer misses the head's {' and '.join(missing)}", "pass all of head.parameters() to the optimizer")
+        raise Fail(f"the optimizer misses the head's {' and '.join(missing)}",
+                   "pass all of head.parameters() to the optimizer")
     lrs = sorted({group["lr"] for group in opt.param_groups})
     if lrs != [lr]:
-        raise Fail(f"the optimizer's learning rate is {', '.join(f'{v:g}' for v in lrs)}, not the lr passed to your function",
+        raise Fail(f"the optimizer's learning rate is {', '.join(f'{v:g}' for v in lrs)}, not the lr passed to your "
+                   f"function",
                    "build the optimizer with lr=lr")
     gen = _generator(seed)
     x, y = torch.randn(8, 1, 12, 12, generator=gen), torch.randint(10, (8,), generator=gen)
@@ -304,30 +337,36 @@ def check_freeze_encoder(fn, lr: float = 0.05, seed: int = 0):
     F.cross_entropy(head(encoder(x)), y).backward()
     opt.step()
     if any(not torch.equal(p, q) for p, q in zip(enc, enc_before)):
-        raise Fail("one optimizer step changed the encoder", "freeze every encoder parameter and keep them out of the optimizer")
+        raise Fail("one optimizer step changed the encoder",
+                   "freeze every encoder parameter and keep them out of the optimizer")
     if all(torch.equal(p, q) for p, q in zip(hd, head_before)):
         raise Fail("one optimizer step did not change the head", "the optimizer must update the head's parameters")
-    return "encoder frozen, optimizer over the head only with the given lr; one step moves the head and leaves the encoder unchanged"
+    return ("encoder frozen, optimizer over the head only with the given lr; one step moves the head and leaves the "
+            "encoder unchanged")
 
 # %% ../../nbs/93_checks_mnist.ipynb #6ef707be
 def _expect_pair(value, shape) -> tuple[torch.Tensor, torch.Tensor]:
     "(corrupted, mask) if `value` is that pair of tensors shaped `shape`, float and bool; otherwise `Fail`."
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         got = f"a {type(value).__name__}" + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else "")
-        raise Fail(f"mask_pixels should return a tuple (corrupted, mask), got {got}", "end the function with: return corrupted, mask")
+        raise Fail(f"mask_pixels should return a tuple (corrupted, mask), got {got}",
+                   "end the function with: return corrupted, mask")
     corrupted = expect_tensor(value[0], shape, "`corrupted`")
     mask = value[1]
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
         what = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
-        raise Fail(f"`mask` is {what}, expected a tensor of shape {tuple(shape)}", "one mask entry per pixel of every image: the images' shape")
+        raise Fail(f"`mask` is {what}, expected a tensor of shape {tuple(shape)}",
+                   "one mask entry per pixel of every image: the images' shape")
     if mask.dtype != torch.bool:
-        raise Fail(f"`mask` has dtype {mask.dtype}, expected torch.bool", "a comparison gives a bool mask: torch.rand(...) < fraction")
+        raise Fail(f"`mask` has dtype {mask.dtype}, expected torch.bool",
+                   "a comparison gives a bool mask: torch.rand(...) < fraction")
     return corrupted, mask
 
 @checker
 @_single_threaded
 def check_mask_pixels(fn, seed: int = 0):
-    "Check `fn(images, fraction, generator=None) -> (corrupted, mask)`: exact rules, binomial statistics, reproducibility."
+    """Check `fn(images, fraction, generator=None) -> (corrupted, mask)`: exact rules, binomial statistics,
+    reproducibility."""
     gen = _generator(seed)
     cases = [(64, 28, 28, 0.25), (48, 20, 20, 0.6)]
     for case, (n, h, w, fraction) in enumerate(cases, 1):
@@ -337,28 +376,36 @@ def check_mask_pixels(fn, seed: int = 0):
         _expect_unchanged(before, {"images": images})
         where = f"case {case} ({n} images of {h}x{w}, fraction {fraction})"
         if (corrupted[mask] != 0).any():
-            hint = ("you zeroed the visible pixels: mask is True where a pixel is hidden, and hidden pixels are the ones set to 0"
+            hint = ("you zeroed the visible pixels: mask is True where a pixel is hidden, and hidden pixels are the "
+                    "ones set to 0"
                     if torch.equal(corrupted[mask], images[mask]) and (corrupted[~mask] == 0).all() else
                     "hidden pixels (mask True) are set to exactly 0, not perturbed")
             raise Fail(f"{where}: some hidden pixels are not 0", hint)
         if not torch.equal(corrupted[~mask], images[~mask]):
-            raise Fail(f"{where}: visible pixels (mask False) were changed", "only hidden pixels change; the others keep their value")
+            raise Fail(f"{where}: visible pixels (mask False) were changed",
+                       "only hidden pixels change; the others keep their value")
         rate, tol = mask.double().mean().item(), 5 * math.sqrt(fraction * (1 - fraction) / mask.numel())
         if abs(rate - fraction) > tol:
-            hint = ("you hid the fraction to keep: a pixel is hidden with probability `fraction` (torch.rand(...) < fraction)"
+            hint = ("you hid the fraction to keep: a pixel is hidden with probability `fraction` (torch.rand(...) < "
+                    "fraction)"
                     if abs(rate - (1 - fraction)) <= tol else
-                    "hide each pixel independently with probability `fraction`: torch.rand(images.shape, generator=generator) < fraction")
-            raise Fail(f"{where}: you hid {rate:.1%} of the pixels, expected {fraction:.0%} within binomial tolerance ({tol:.1%})", hint)
+                    "hide each pixel independently with probability `fraction`: torch.rand(images.shape, "
+                    "generator=generator) < fraction")
+            raise Fail(f"{where}: you hid {rate:.1%} of the pixels, expected {fraction:.0%} within binomial tolerance "
+                       f"({tol:.1%})", hint)
         flat = mask.reshape(n, -1)
         if (flat == flat[:1]).all(1)[1:].any():
             raise Fail(f"{where}: several images got the same mask",
-                       "draw one mask value per pixel of every image (the images' full shape), not one (H, W) mask for the whole batch")
+                       "draw one mask value per pixel of every image (the images' full shape), not one (H, W) mask "
+                       "for the whole batch")
     small = images[:8]
-    first, again, other = (attempt(fn, small.clone(), 0.5, generator=_generator(s)) for s in (seed + 10, seed + 10, seed + 11))
+    first, again, other = (
+        attempt(fn, small.clone(), 0.5, generator=_generator(s)) for s in (seed + 10, seed + 10, seed + 11))
     if not torch.equal(first[1], again[1]) or torch.equal(first[1], other[1]):
         raise Fail("the same generator seed gave different masks, or different seeds the same mask",
                    "draw the mask from the generator you are given: torch.rand(shape, generator=generator)")
     with torch.random.fork_rng(devices=[]):  # generator=None draws from the global state: leave the learner's as it was
         out = attempt(fn, small.clone(), 0.5)
     _expect_pair(out, small.shape)
-    return f"hidden fraction within binomial tolerance on {sum(c[0] * c[1] * c[2] for c in cases):,} pixels, exact rules, reproducible"
+    return (f"hidden fraction within binomial tolerance on {sum(c[0] * c[1] * c[2] for c in cases):,} pixels, exact "
+            f"rules, reproducible")

@@ -25,7 +25,8 @@ __all__ = ['check_denoising_loss', 'check_causal_lm_loss', 'check_perplexity', '
 def _generator(seed: int) -> torch.Generator: return torch.Generator().manual_seed(seed)
 
 def _single_threaded(check):
-    "Run `check` on one thread: its tensors are tiny, and idle OpenMP threads spinning on busy cores can make each small operation a thousand times slower."
+    """Run `check` on one thread: its tensors are tiny, and idle OpenMP threads spinning on busy cores can make
+    each small operation a thousand times slower."""
     @functools.wraps(check)
     def run(*args, **kwargs):
         threads = torch.get_num_threads()
@@ -49,7 +50,8 @@ def _expect_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Te
         new = after[name]
         if new.shape != old.shape or not torch.equal(new, old):
             raise Fail(f"your function changed its input `{name}` in place",
-                       "compute new tensors (x.masked_fill(...), x.clone() then change the copy), not x[...] = ... on the input")
+                       "compute new tensors (x.masked_fill(...), x.clone() then change the copy), not x[...] = ... "
+                       "on the input")
 
 def _expect_loss(value, name: str = "the loss", nan_hint: str | None = None) -> torch.Tensor:
     "`value` if it is a 0-d floating-point tensor that carries a gradient; otherwise `Fail` saying what is wrong."
@@ -64,11 +66,14 @@ def _expect_loss(value, name: str = "the loss", nan_hint: str | None = None) -> 
         raise Fail(f"{name} is {checked.item()}", nan_hint or "look for a division by zero, or the log of 0")
     if not value.requires_grad:
         raise Fail(f"{name} carries no gradient, so loss.backward() would fail",
-                   "compute it from the inputs with torch operations, without .detach(), .item(), torch.no_grad() or NumPy")
+                   "compute it from the inputs with torch operations, without .detach(), .item(), torch.no_grad() "
+                   "or NumPy")
     return value
 
-def _compare(got: list, want: list, variants: list[dict], what: str, fallback: str, tol: float = 1e-5, where=None) -> None:
-    "`Fail` unless every `got` matches `want`; the hint names the mistake (in `variants`, per case) that explains all cases."
+def _compare(got: list, want: list, variants: list[dict], what: str, fallback: str, tol: float = 1e-5,
+             where=None) -> None:
+    """`Fail` unless every `got` matches `want`; the hint names the mistake (in `variants`, per case) that
+    explains all cases."""
     bad = [i for i, (g, w) in enumerate(zip(got, want)) if not close(g, w, tol)]
     if not bad: return
     i = bad[0]
@@ -95,11 +100,16 @@ def _denoising_variants(recon, images, mask) -> dict:
     "What the typical mistakes compute, keyed by their hint."
     err, corrupted = (recon - images) ** 2, images.masked_fill(mask, 0.0)
     return {
-        "the loss scores every pixel; score only the hidden ones (mask True), as BERT scores only its masked tokens": err.mean(),
-        "you scored the visible pixels: mask is True where a pixel was hidden, and those are the pixels to score": err[~mask].mean(),
-        "the target is the clean image: compared with the corrupted input, the hidden pixels' target is 0": ((recon - corrupted)[mask] ** 2).mean(),
-        "the target is the clean image, not the corrupted input (a model that copies its input would score perfectly)": ((recon - corrupted) ** 2).mean(),
-        "that is a mean per image, then over images: images hide different numbers of pixels, so average over all hidden pixels of the batch at once":
+        "the loss scores every pixel; score only the hidden ones (mask True), as BERT scores only its masked tokens":
+            err.mean(),
+        "you scored the visible pixels: mask is True where a pixel was hidden, and those are the pixels to score":
+            err[~mask].mean(),
+        "the target is the clean image: compared with the corrupted input, the hidden pixels' target is 0":
+            ((recon - corrupted)[mask] ** 2).mean(),
+        "the target is the clean image, not the corrupted input (a model that copies its input would score perfectly)":
+            ((recon - corrupted) ** 2).mean(),
+        "that is a mean per image, then over images: images hide different numbers of pixels, so average over all "
+        "hidden pixels of the batch at once":
             torch.stack([e[m].mean() for e, m in zip(err, mask)]).mean(),
         "the mean, not the sum, of the squared errors": err[mask].sum(),
         "that is the root of the mean squared error: leave out the square root": err[mask].mean().sqrt(),
@@ -127,7 +137,8 @@ def check_denoising_loss(fn, seed: int = 0):
         if not any(x.shape == corrupted.shape and torch.equal(x, corrupted) for x in model.inputs):
             seen = model.inputs[-1]
             same = lambda t: seen.shape == t.shape and torch.equal(seen, t)
-            hint = ("the model saw the clean images: set the hidden pixels (mask True) to 0 first, then reconstruct" if same(images) else
+            hint = ("the model saw the clean images: set the hidden pixels (mask True) to 0 first, then reconstruct"
+                    if same(images) else
                     "the model saw the wrong pixels hidden: mask is True where a pixel is hidden (set to 0)"
                     if same(images.masked_fill(~mask, 0.0)) else
                     "give the model the images with the hidden pixels (mask True) set to 0, and nothing else changed")
@@ -136,7 +147,8 @@ def check_denoising_loss(fn, seed: int = 0):
         got.append(loss.detach())
         want.append(((recon - images)[mask] ** 2).mean())
         variants.append(_denoising_variants(recon, images, mask))
-    _compare(got, want, variants, "the loss", "average (reconstruction - clean image)**2 over the hidden pixels of the whole batch")
+    _compare(got, want, variants, "the loss",
+             "average (reconstruction - clean image)**2 over the hidden pixels of the whole batch")
     return f"matches the squared error over the hidden pixels on {len(cases)} random batches"
 
 # %% ../../nbs/92_checks_objectives.ipynb #ba2eac03
@@ -184,12 +196,16 @@ def _causal_variants(logits, ids, mask) -> dict:
     nxt, same, back = ce(logits[:, :-1], ids[:, 1:]), ce(logits, ids), ce(logits[:, 1:], ids[:, :-1])
     target = m[:, 1:]
     return {
-        "no shift: the logits at position t predict the token at t + 1, so compare logits[:, :-1] with input_ids[:, 1:]": same[m].mean(),
-        "shifted the wrong way: the logits at position t predict the next token (t + 1), not the one before": back[m[:, :-1]].mean(),
+        "no shift: the logits at position t predict the token at t + 1, "
+        "so compare logits[:, :-1] with input_ids[:, 1:]":
+            same[m].mean(),
+        "shifted the wrong way: the logits at position t predict the next token (t + 1), not the one before":
+            back[m[:, :-1]].mean(),
         "shifted the wrong way (the logits at t predict the token at t + 1), and padding is counted": back.mean(),
-        "padding is counted: leave out the predictions whose target token (t + 1) is padding (attention_mask 0)": nxt.mean(),
-        "you kept the predictions made *at* real positions; what counts is whether the predicted token (t + 1) is real: "
-        "attention_mask[:, 1:]": nxt[m[:, :-1]].mean(),
+        "padding is counted: leave out the predictions whose target token (t + 1) is padding (attention_mask 0)":
+            nxt.mean(),
+        "you kept the predictions made *at* real positions; what counts is whether the predicted token (t + 1) is "
+        "real: attention_mask[:, 1:]": nxt[m[:, :-1]].mean(),
         "that is a mean per sequence, then over sequences: average over all counted tokens of the batch at once "
         "(sequences have different lengths)": torch.stack([r[k].mean() for r, k in zip(nxt, target) if k.any()]).mean(),
         "the mean, not the sum, of the token losses": nxt[target].sum(),
@@ -201,7 +217,8 @@ def _causal_variants(logits, ids, mask) -> dict:
 def check_causal_lm_loss(fn, seed: int = 0):
     "Check `fn(logits, input_ids, attention_mask)`, the next-token loss, against ForCausalLMLoss and GPT-2's own loss."
     gen = _generator(seed)
-    cases = [([9, 6, 3, 7], 9, 13, False), ([6, 6, 6], 6, 7, False), ([12, 1, 7, 10, 4], 12, 20, False), ([8, 5, 2], 8, 40, True)]
+    cases = [([9, 6, 3, 7], 9, 13, False), ([6, 6, 6], 6, 7, False), ([12, 1, 7, 10, 4], 12, 20, False),
+             ([8, 5, 2], 8, 40, True)]
     got, want, variants = [], [], []
     for lengths, length, vocab, gpt2 in cases:
         logits, ids, mask, loss = _causal_case(lengths, length, vocab, gen, gpt2)
@@ -222,9 +239,12 @@ def _perplexity_variants(losses, counts) -> dict:
     l, n = losses.double(), counts.double()
     weighted = (l * n).sum() / n.sum()
     return {
-        "a plain mean of the batch losses: weight each batch by its number of tokens (bigger batches hold more tokens)": l.mean().exp(),
-        "the mean of per-batch perplexities: average the losses (weighted by tokens) first, then exponentiate once": l.exp().mean(),
-        "the losses are in nats (natural log), so the perplexity is exp(loss); 2 ** loss is for losses in bits": 2 ** weighted,
+        "a plain mean of the batch losses: weight each batch by its number of tokens (bigger batches hold more tokens)":
+            l.mean().exp(),
+        "the mean of per-batch perplexities: average the losses (weighted by tokens) first, then exponentiate once":
+            l.exp().mean(),
+        "the losses are in nats (natural log), so the perplexity is exp(loss); 2 ** loss is for losses in bits":
+            2 ** weighted,
         "that is the mean loss itself: perplexity is its exponential": weighted,
         "exponentiate the mean loss per token, not the sum of the losses": l.sum().exp(),
         "divide the weighted sum by the number of tokens, not by the number of batches": ((l * n).sum() / len(l)).exp(),
@@ -250,8 +270,10 @@ def check_perplexity(fn, seed: int = 0):
         want.append(torch.cat(probs).log().mean().neg().exp().item())  # 1 / geometric mean of the probabilities
         variants.append(_perplexity_variants(losses, counts))
     where = lambda i: "a uniform guess over 1,000 words" if cases[i] == "uniform" else f"batches of {cases[i]} tokens"
-    _compare(got, want, variants, "the perplexity", "exp of the mean loss per token, batches weighted by their token counts", where=where)
-    return f"matches the inverse geometric mean of the token probabilities on {len(cases)} evaluations, uniform guessing included"
+    _compare(got, want, variants, "the perplexity",
+             "exp of the mean loss per token, batches weighted by their token counts", where=where)
+    return (f"matches the inverse geometric mean of the token probabilities on {len(cases)} evaluations, uniform "
+            f"guessing included")
 
 # %% ../../nbs/92_checks_objectives.ipynb #503375e8
 @functools.lru_cache(maxsize=1)
@@ -321,17 +343,20 @@ def _mlm_hint(s: dict, p: float) -> str:
     if not near("selected", p, s["n_ordinary"]):
         if p != 0.15 and near("selected", 0.15, s["n_ordinary"]):
             return "mlm_probability is an argument: select with the probability you are given, not a fixed 0.15"
-        return "select each ordinary token independently with probability mlm_probability (torch.rand(...) < mlm_probability)"
+        return ("select each ordinary token independently with probability mlm_probability (torch.rand(...) < "
+                "mlm_probability)")
     return "compare your three rates with BERT's 80 / 10 / 10 % of the selected tokens"
 
 def _names(keys: list[str]) -> str:
-    words = [{"selected": "selection rate", "mask": "[MASK] rate", "random": "random-token rate", "unchanged": "unchanged rate"}[k] for k in keys]
+    words = [{"selected": "selection rate", "mask": "[MASK] rate", "random": "random-token rate",
+              "unchanged": "unchanged rate"}[k] for k in keys]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 def _expect_ids(value, shape, name) -> torch.Tensor:
     "`value` if it is an integer tensor of `shape`; otherwise `Fail`."
     if not isinstance(value, torch.Tensor):
-        raise Fail(f"{name} is a {type(value).__name__}, expected a tensor of token ids", "return torch tensors, not lists")
+        raise Fail(f"{name} is a {type(value).__name__}, expected a tensor of token ids",
+                   "return torch tensors, not lists")
     if tuple(value.shape) != tuple(shape):
         raise Fail(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}", "keep the shape of input_ids")
     if value.is_floating_point() or value.dtype == torch.bool:
@@ -347,7 +372,8 @@ def _check_masking(fn, tokenizer, probability, batch, length, seed, case) -> dic
     out = _call(fn, ids, tokenizer, **kwargs)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-        raise Fail(f"mask_tokens should return a tuple (inputs, labels), got {got}", "end the function with: return inputs, labels")
+        raise Fail(f"mask_tokens should return a tuple (inputs, labels), got {got}",
+                   "end the function with: return inputs, labels")
     inputs, labels = (_expect_ids(v, ids.shape, n) for v, n in zip(out, ("`inputs`", "`labels`")))
     _expect_unchanged({"input_ids": original}, {"input_ids": ids})
     ids, special = original, torch.isin(original, _special_ids(tokenizer))
@@ -356,15 +382,18 @@ def _check_masking(fn, tokenizer, probability, batch, length, seed, case) -> dic
     if not (~selected | (labels == ids)).all():
         wrong = selected & (labels != ids)
         if (labels[wrong] == inputs[wrong]).all():
-            hint = "a label is the original token id (what the model must recover), not the [MASK] or random token put in the input"
+            hint = ("a label is the original token id (what the model must recover), not the [MASK] or random token "
+                    "put in the input")
         elif (labels[wrong] == 0).all():
             hint = "positions that are not selected get the label -100 (cross_entropy's ignore_index), not 0"
         else:
             hint = "a label is either the original token id (selected position) or -100 (every other position)"
         raise Fail(f"{where}: {int(wrong.sum())} labels are neither -100 nor the original token", hint)
     if selected[~special].double().mean() > 0.9:
-        raise Fail(f"{where}: almost every position has a label", "only the selected tokens get labels; every other label is -100")
-    for what, where_special in (("padding", ids == tokenizer.pad_token_id), ("special tokens ([CLS], [SEP])", special & (ids != tokenizer.pad_token_id))):
+        raise Fail(f"{where}: almost every position has a label",
+                   "only the selected tokens get labels; every other label is -100")
+    for what, where_special in (("padding", ids == tokenizer.pad_token_id),
+                                ("special tokens ([CLS], [SEP])", special & (ids != tokenizer.pad_token_id))):
         if (selected & where_special).any():
             raise Fail(f"{where}: {int((selected & where_special).sum())} {what} were selected for prediction",
                        f"{what.split(' (')[0]} must never be masked: leave out every id in tokenizer.all_special_ids "
@@ -374,24 +403,29 @@ def _check_masking(fn, tokenizer, probability, batch, length, seed, case) -> dic
         raise Fail(f"{where}: {int(changed.sum())} tokens were changed although their label is -100",
                    "only selected tokens (those with a label) are replaced; every other input token stays as it was")
     if ((inputs < 0) | (inputs >= len(tokenizer))).any():
-        raise Fail(f"{where}: some token ids are outside the vocabulary", "random tokens are drawn from range(len(tokenizer))")
+        raise Fail(f"{where}: some token ids are outside the vocabulary",
+                   "random tokens are drawn from range(len(tokenizer))")
     return {"stats": _mlm_stats(ids, inputs, labels, tokenizer), "ids": ids, "kwargs": kwargs, "out": (inputs, labels)}
 
 @checker
 @_single_threaded
 def check_mask_tokens(fn, seed: int = 0):
-    "Check `fn(input_ids, tokenizer, mlm_probability=0.15, generator=None)` against DataCollatorForLanguageModeling's statistics."
+    """Check `fn(input_ids, tokenizer, mlm_probability=0.15, generator=None)` against
+    DataCollatorForLanguageModeling's statistics."""
     tokenizer = _tokenizer()
     cases = [(0.15, 256, 128), (0.3, 96, 96)]
     for case, (p, batch, length) in enumerate(cases, 1):
         run = _check_masking(fn, tokenizer, p, batch, length, seed + 10 * case, case)
         s, c = run["stats"], _collator_stats(p, batch, length, seed + 10 * case)
-        off = [k for k, n in (("selected", "n_ordinary"), ("mask", "n_selected"), ("random", "n_selected"), ("unchanged", "n_selected"))
+        off = [k for k, n in (("selected", "n_ordinary"), ("mask", "n_selected"), ("random", "n_selected"),
+                              ("unchanged", "n_selected"))
                if _z(s[k], s[n], c[k], c[n]) > 5]
         if off:
-            raise Fail(f"case {case} (mlm_probability={p}): you selected {s['selected']:.1%} of {s['n_ordinary']} ordinary tokens, "
-                       f"and turned {s['mask']:.1%} of those into [MASK], {s['random']:.1%} into random tokens, left {s['unchanged']:.1%} "
-                       f"unchanged; the {_names(off)} differ{'s' if len(off) == 1 else ''} from DataCollatorForLanguageModeling's by more than 5 standard errors",
+            raise Fail(f"case {case} (mlm_probability={p}): you selected {s['selected']:.1%} of {s['n_ordinary']} "
+                       f"ordinary tokens, and turned {s['mask']:.1%} of those into [MASK], {s['random']:.1%} into "
+                       f"random tokens, left {s['unchanged']:.1%} unchanged; the {_names(off)} "
+                       f"differ{'s' if len(off) == 1 else ''} from DataCollatorForLanguageModeling's by more than 5 "
+                       f"standard errors",
                        _mlm_hint(s, p))
     again = _call(fn, run["ids"].clone(), tokenizer, **(run["kwargs"] | {"generator": _generator(seed + 22)}))
     other = _call(fn, run["ids"].clone(), tokenizer, **(run["kwargs"] | {"generator": _generator(seed + 23)}))
@@ -404,11 +438,12 @@ def check_mask_tokens(fn, seed: int = 0):
     small = _mlm_batch(tokenizer, 4, 16, _generator(seed))
     with torch.random.fork_rng(devices=[]):  # generator=None draws from the global state: leave the learner's as it was
         out = _call(fn, small, tokenizer)
-    if not isinstance(out, (tuple, list)) or len(out) != 2 or any(not isinstance(t, torch.Tensor) or t.shape != small.shape for t in out):
+    if not isinstance(out, (tuple, list)) or len(out) != 2 or any(
+        not isinstance(t, torch.Tensor) or t.shape != small.shape for t in out):
         raise Fail("without a generator (generator=None) your function does not return (inputs, labels)",
                    "torch.rand(..., generator=None) uses the global random state: pass the argument through as it is")
-    return (f"BERT's 80/10/10 rule within binomial tolerance of DataCollatorForLanguageModeling (mlm_probability 0.15 and 0.3), "
-            "special tokens and padding untouched, reproducible with a generator")
+    return (f"BERT's 80/10/10 rule within binomial tolerance of DataCollatorForLanguageModeling (mlm_probability 0.15 "
+            f"and 0.3), special tokens and padding untouched, reproducible with a generator")
 
 # %% ../../nbs/92_checks_objectives.ipynb #cd81952a
 def _mlm_loss_variants(logits, labels) -> dict:
@@ -417,20 +452,26 @@ def _mlm_loss_variants(logits, labels) -> dict:
     per_token = F.cross_entropy(logits.reshape(-1, V), safe.reshape(-1), reduction="none").view(labels.shape)
     picked = lambda logp: logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return {
-        "divide by the number of labelled positions (labels != -100), not by all positions": per_token[m].sum() / m.numel(),
+        "divide by the number of labelled positions (labels != -100), not by all positions":
+            per_token[m].sum() / m.numel(),
         "that is a mean per sequence, then over sequences: average over all labelled tokens of the batch at once "
-        "(rows hold different numbers of masked tokens)": torch.stack([r[k].mean() for r, k in zip(per_token, m) if k.any()]).mean(),
-        "no shift in masked-LM: the logits at a position predict the token at that same position (shifting is for next-token prediction)":
+        "(rows hold different numbers of masked "
+        "tokens)": torch.stack([r[k].mean() for r, k in zip(per_token, m) if k.any()]).mean(),
+        "no shift in masked-LM: the logits at a position predict the token at that same position (shifting is for "
+        "next-token prediction)":
             F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100),
-        "log_softmax over the wrong dimension: the probabilities are over the vocabulary, the last dimension": -picked(logits.log_softmax(1))[m].mean(),
-        "cross-entropy needs log-probabilities, not probabilities (F.nll_loss expects the output of log_softmax)": -picked(logits.softmax(-1))[m].mean(),
+        "log_softmax over the wrong dimension: the probabilities are over the vocabulary, the last dimension":
+            -picked(logits.log_softmax(1))[m].mean(),
+        "cross-entropy needs log-probabilities, not probabilities (F.nll_loss expects the output of log_softmax)":
+            -picked(logits.softmax(-1))[m].mean(),
         "the mean, not the sum, over the labelled tokens": per_token[m].sum(),
     }
 
 @checker
 @_single_threaded
 def check_masked_lm_loss(fn, seed: int = 0):
-    "Check `fn(logits, labels)`, the mean cross-entropy over labelled positions, against F.cross_entropy(ignore_index=-100)."
+    """Check `fn(logits, labels)`, the mean cross-entropy over labelled positions, against
+    F.cross_entropy(ignore_index=-100)."""
     gen = _generator(seed)
     cases = [(4, 7, 11, 0.3), (2, 5, 6, 0.5), (8, 16, 50, 0.15)]
     got, want, variants = [], [], []
@@ -450,7 +491,8 @@ def check_masked_lm_loss(fn, seed: int = 0):
         got.append(out.detach())
         want.append(F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100))
         variants.append(_mlm_loss_variants(logits, labels))
-    _compare(got, want, variants, "the loss", "the mean of -log softmax(logits)[label] over the positions whose label is not -100",
+    _compare(got, want, variants, "the loss",
+             "the mean of -log softmax(logits)[label] over the positions whose label is not -100",
              where=lambda i: f"a batch of {cases[i][0]} x {cases[i][1]} tokens, vocabulary {cases[i][2]}")
     return f"matches F.cross_entropy(ignore_index=-100) on {len(cases)} random batches, one with an unmasked row"
 
@@ -463,31 +505,37 @@ def _distillation(s, t, y, T, alpha, power=2, swap=False, reduction="batchmean",
     elif swap: kl_input, kl_target, log_target = log_pt, log_ps, True
     else: kl_input, kl_target, log_target = log_ps, log_pt, True
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reduction="mean" warns that it is not the KL divergence: that is the mistake shown
+        # reduction="mean" warns that it is not the KL divergence: that is the mistake shown
+        warnings.simplefilter("ignore")
         kl = F.kl_div(kl_input, kl_target, reduction=reduction, log_target=log_target)
     a = 1 - alpha if alpha_on_hard else alpha
     return a * T**power * kl + (1 - a) * F.cross_entropy(s / T if hard_T else s, y)
 
 _DISTILLATION_MISTAKES = {
-    "the soft term lacks its factor T**2: dividing the logits by T shrinks its gradient by 1/T**2, and T**2 restores it": dict(power=0),
+    "the soft term lacks its factor T**2: dividing the logits by T shrinks its gradient by 1/T**2, "
+    "and T**2 restores it":
+        dict(power=0),
     "multiply the soft term by T squared, not by T": dict(power=1),
-    "the KL divergence is the wrong way round: KL(teacher || student) = sum p_teacher * (log p_teacher - log p_student); "
-    "F.kl_div takes the student's log-probabilities as input and the teacher's as target": dict(swap=True),
+    "the KL divergence is the wrong way round: KL(teacher || student) = sum p_teacher * (log p_teacher - log "
+    "p_student); F.kl_div takes the student's log-probabilities as input and the teacher's as target": dict(swap=True),
     "F.kl_div's reduction='mean' divides by batch x classes; the KL of one example sums over the classes, "
     "then average over the batch: reduction='batchmean'": dict(reduction="mean"),
     "average the KL divergence over the batch (reduction='batchmean'), don't sum it": dict(reduction="sum"),
     "divide the teacher's logits by the temperature too": dict(teacher_T=False),
     "divide the student's logits by the temperature too, in the soft term": dict(student_T=False),
     "the temperature is missing from both softmaxes of the soft term": dict(student_T=False, teacher_T=False),
-    "alpha weights the soft (teacher) term and 1 - alpha the hard (label) term; you swapped them": dict(alpha_on_hard=True),
+    "alpha weights the soft (teacher) term and 1 - alpha the hard (label) term; you swapped them":
+        dict(alpha_on_hard=True),
     "the hard (label) term uses the student's plain logits, at temperature 1": dict(hard_T=True),
-    "F.kl_div expects log-probabilities as its input (the student's log_softmax), not probabilities": dict(probs_input=True),
+    "F.kl_div expects log-probabilities as its input (the student's log_softmax), not probabilities":
+        dict(probs_input=True),
 }
 
 @checker
 @_single_threaded
 def check_distillation_loss(fn, seed: int = 0):
-    "Check `fn(student_logits, teacher_logits, labels, temperature, alpha)`: value against F.kl_div, gradient against its closed form."
+    """Check `fn(student_logits, teacher_logits, labels, temperature, alpha)`: value against F.kl_div, gradient
+    against its closed form."""
     gen = _generator(seed)
     cases = [(8, 10, 2.0, 0.7), (5, 4, 4.0, 0.25), (16, 6, 0.5, 0.9), (6, 5, 3.0, 1.0)]
     got, want, variants, grads = [], [], [], []
@@ -500,15 +548,18 @@ def check_distillation_loss(fn, seed: int = 0):
         _expect_unchanged(before, {"student_logits": leaf.detach(), "teacher_logits": t, "labels": y})
         g = torch.autograd.grad(out, leaf, allow_unused=True)[0]
         grads.append((torch.zeros(b, c) if g is None else g,  # the closed-form gradient next to the learner's
-                      (alpha * T * (F.softmax(s / T, -1) - F.softmax(t / T, -1)) + (1 - alpha) * (F.softmax(s, -1) - F.one_hot(y, c))) / b))
+                      (alpha * T * (F.softmax(s / T, -1) - F.softmax(t / T, -1))
+                       + (1 - alpha) * (F.softmax(s, -1) - F.one_hot(y, c))) / b))
         got.append(out.detach()); want.append(_distillation(s, t, y, T, alpha))
         variants.append({h: _distillation(s, t, y, T, alpha, **kw) for h, kw in _DISTILLATION_MISTAKES.items()})
     where = lambda i: "batch {}, {} classes, T={}, alpha={}".format(*cases[i])
-    _compare(got, want, variants, "the loss", "alpha * T**2 * KL(teacher || student) at temperature T, averaged over the batch, "
+    _compare(got, want, variants, "the loss",
+             "alpha * T**2 * KL(teacher || student) at temperature T, averaged over the batch, "
              "plus (1 - alpha) * cross-entropy with the labels", where=where)
     for i, (g, want_g) in enumerate(grads):
         if not close(g, want_g, 1e-4):
-            raise Fail(f"the value is right but its gradient is not, on {where(i)} (relative error {relative_error(g, want_g):.1e})",
+            raise Fail(f"the value is right but its gradient is not, on {where(i)} (relative error "
+                       f"{relative_error(g, want_g):.1e})",
                        "part of the loss is cut off from the student's logits (.detach(), .item() or torch.no_grad()); "
                        "only the teacher's side needs no gradient")
     return f"value matches F.kl_div, gradient matches its closed form, on {len(cases)} cases with T from 0.5 to 4"
