@@ -68,9 +68,9 @@ def _shape_cases() -> list[tuple[str, list, tuple]]:
                     nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5),
                     nn.Linear(128, 10)]
         return [
-            ("the seed's CNN up to its pooling", seed_cnn[:5], (1, 28, 28)),
-            ("the seed's CNN up to Flatten", seed_cnn[:7], (1, 28, 28)),
-            ("the seed's whole CNN", seed_cnn, (1, 28, 28)),
+            ("the classic CNN up to its pooling", seed_cnn[:5], (1, 28, 28)),
+            ("the classic CNN up to Flatten", seed_cnn[:7], (1, 28, 28)),
+            ("the whole classic CNN", seed_cnn, (1, 28, 28)),
             ("stride 2 with padding 2, 3x3 pooling with stride 2, a 3x5 kernel",
              [nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.MaxPool2d(3, stride=2),
               nn.Conv2d(8, 16, (3, 5), padding=(1, 0)), nn.AvgPool2d(2)], (3, 33, 47)),
@@ -124,7 +124,7 @@ def check_output_shape(fn):
         raise Fail(f"wrong shape on {len(bad)} of {len(cases)} stacks, first on {cases[i][0]} (input {cases[i][2]}): "
                    f"yours is {got[i]}",
                    hint or "apply floor((n + 2p - d(k - 1) - 1) / s) + 1 to height and width, layer by layer")
-    return f"matches running the layers on {len(cases)} stacks, the seed's CNN included"
+    return f"matches running the layers on {len(cases)} stacks, the classic PyTorch MNIST CNN included"
 
 # %% ../../nbs/93_checks_mnist.ipynb #6132bcd8
 def _accuracy_variants(logits, labels) -> dict:
