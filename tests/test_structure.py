@@ -66,3 +66,23 @@ def test_nothing_in_the_library_imports_the_top_layer():
     graph = import_graph()
     offenders = {m: sorted(graph[m] & TOP_LAYER) for m in graph if m not in TOP_LAYER and graph[m] & TOP_LAYER}
     assert not offenders, f"modules that import the benchmarks or the command: {offenders}"
+
+
+def _library_files() -> list[Path]:
+    "The library's modules, without nbdev's generated index (`_modidx.py` is nbdev's, not ours to wrap)."
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "_modidx.py")
+
+
+def test_no_library_function_is_longer_than_a_screen():
+    too_long = []
+    for path in _library_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                too_long.append(f"{_module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "functions over 60 lines: " + ", ".join(too_long)
+
+
+def test_library_lines_are_wrapped_at_120():
+    lines = [l for p in _library_files() for l in p.read_text(encoding="utf-8").splitlines()]
+    long = sum(len(l) > 120 for l in lines)
+    assert long/len(lines) < 0.02, f"{long} of {len(lines)} library lines ({long/len(lines):.1%}) are over 120 characters"
