@@ -62,6 +62,43 @@ def _plot_latency(rows, path):
 def _say(step: str, t0: float): print(f"[{time.perf_counter() - t0:6.1f} s] {step}", flush=True)
 
 # %% ../nbs/09_tour.ipynb #e9b4831c
+def _finetune_step(ae, xtr, ytr, xte, yte, cfg: dict, res: dict, out: Path, seed: int, device, t0: float):
+    "Step 2 of the tour: few labels, pretrained vs from scratch, then all labels; returns the model to deploy."
+    n = min(cfg["labels"], len(ytr))
+    _say(f"2/5 fine-tuning with {n:,} labels: pretrained encoder vs the same network from scratch", t0)
+    idx = balanced_subset(ytr, n, seed)
+    few = {}
+    for start_from in ("pretrained", "scratch"):
+        seed_everything(seed)
+        model = transfer_encoder(ae if start_from == "pretrained" else None)
+        few[f"{start_from} encoder"] = finetune(model, xtr[idx], ytr[idx], xte, yte, seed=seed, device=device,
+                                                desc=f"{start_from}, {n} labels", **cfg["finetune"])
+    res.update(labels=n, few_labels_pretrained_acc=round(few["pretrained encoder"].last("accuracy"), 2),
+               few_labels_scratch_acc=round(few["scratch encoder"].last("accuracy"), 2))
+    _plot_finetuning(few, n, out/"finetuning.png")
+    _say(f"    then with all {len(ytr):,} labels: the model to deploy", t0)
+    start = time.perf_counter()
+    seed_everything(seed)
+    model = transfer_encoder(ae)
+    full = finetune(model, xtr, ytr, xte, yte, seed=seed, device=device, desc="pretrained, all labels",
+                    **cfg["deploy_finetune"])
+    res.update(finetune_s=round(time.perf_counter() - start, 1), deployed_acc=round(full.last("accuracy"), 2),
+               parameters=count_parameters(model))
+    return model
+
+def _export_step(model, models_dir: Path, xtr, xte, yte, res: dict, fast: bool, t0: float):
+    "Step 3 of the tour: ONNX fp32 and int8 files and their manifest, checked against PyTorch; returns the model."
+    _say("3/5 compressing and exporting: ONNX fp32 and static int8, checked against PyTorch", t0)
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    specs = export_digit_models(model, models_dir, xtr[:256], xte, yte)
+    res.update({f"onnx_{s['precision']}_acc": s["test_accuracy"] for s in specs.values()})
+    diff = max(verify_onnx(model, models_dir/'digits_fp32.onnx', {'images': xte[:b].cpu()}) for b in (1, 64))
+    res["onnx_max_abs_diff"] = float(f"{diff:.3e}")
+    manifest = json.loads(write_manifest(models_dir, fast_mode=fast, **specs).read_text())
+    res.update({f"{k}_size_mb": v["size_mb"] for k, v in manifest["models"].items()})
+    with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy_of(model(xte.cpu()), yte.cpu()), 2)
+    return model
+
 def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
     """Run the course end to end on MNIST (pretrain, fine-tune, compress, export, benchmark) and write
     `report.md`, plots, `results.json` and `models/` to `out` (default ./ptm-course-tour); returns the
@@ -87,36 +124,8 @@ def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
                pretrain_loss_last=round(pre.last("loss"), 4), pretrain_val_loss=round(pre.last("clean_val_loss"), 4))
     _plot_pretraining(pre, out/"pretraining.png")
 
-    n = min(cfg["labels"], len(ytr))
-    _say(f"2/5 fine-tuning with {n:,} labels: pretrained encoder vs the same network from scratch", t0)
-    idx = balanced_subset(ytr, n, seed)
-    few = {}
-    for start_from in ("pretrained", "scratch"):
-        seed_everything(seed)
-        model = transfer_encoder(ae if start_from == "pretrained" else None)
-        few[f"{start_from} encoder"] = finetune(model, xtr[idx], ytr[idx], xte, yte, seed=seed, device=device,
-                                                desc=f"{start_from}, {n} labels", **cfg["finetune"])
-    res.update(labels=n, few_labels_pretrained_acc=round(few["pretrained encoder"].last("accuracy"), 2),
-               few_labels_scratch_acc=round(few["scratch encoder"].last("accuracy"), 2))
-    _plot_finetuning(few, n, out/"finetuning.png")
-    _say(f"    then with all {len(ytr):,} labels: the model to deploy", t0)
-    start = time.perf_counter()
-    seed_everything(seed)
-    model = transfer_encoder(ae)
-    full = finetune(model, xtr, ytr, xte, yte, seed=seed, device=device, desc="pretrained, all labels",
-                    **cfg["deploy_finetune"])
-    res.update(finetune_s=round(time.perf_counter() - start, 1), deployed_acc=round(full.last("accuracy"), 2),
-               parameters=count_parameters(model))
-
-    _say("3/5 compressing and exporting: ONNX fp32 and static int8, checked against PyTorch", t0)
-    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-    specs = export_digit_models(model, models_dir, xtr[:256], xte, yte)
-    res.update({f"onnx_{s['precision']}_acc": s["test_accuracy"] for s in specs.values()})
-    diff = max(verify_onnx(model, models_dir/'digits_fp32.onnx', {'images': xte[:b].cpu()}) for b in (1, 64))
-    res["onnx_max_abs_diff"] = float(f"{diff:.3e}")
-    manifest = json.loads(write_manifest(models_dir, fast_mode=fast, **specs).read_text())
-    res.update({f"{k}_size_mb": v["size_mb"] for k, v in manifest["models"].items()})
-    with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy_of(model(xte.cpu()), yte.cpu()), 2)
+    model = _finetune_step(ae, xtr, ytr, xte, yte, cfg, res, out, seed, device, t0)
+    model = _export_step(model, models_dir, xtr, xte, yte, res, fast, t0)
 
     _say("4/5 benchmarking: latency and throughput, eager PyTorch vs ONNX Runtime", t0)
     rows = measure_runners(cnn_runners(model, models_dir), {b: xte[:b].cpu().contiguous() for b in cfg["batches"]},
