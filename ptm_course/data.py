@@ -67,18 +67,21 @@ def _stamp_path(path: Path) -> Path:
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
     return cache_dir("verified")/f"{key}.json"
 
-def verify_file(path: Path | str, expected: str, algorithm: str = "sha256", what: str | None = None, force: bool = False) -> Path:
-    "Check `path` against its `expected` digest once per cache (always if `force`, or if its size, mtime, ctime or inode changed since); raise `DataFileError` naming it if wrong."
+def verify_file(path: Path | str, expected: str, algorithm: str = "sha256", what: str | None = None,
+                force: bool = False) -> Path:
+    """Check `path` against its `expected` digest once per cache (always if `force`, or if its size, mtime,
+    ctime or inode changed since); raise `DataFileError` naming it if wrong."""
     path = Path(path)
     what = what or path.name
     if not path.is_file():
         raise DataFileError(f"{what} is missing: {path} does not exist. {RESTORE_HINT}")
     st = path.stat()
     stamp_file = _stamp_path(path)
-    # any write to the file changes its ctime (which, unlike the mtime, cannot be set back) or, when replaced, its inode:
+    # any write to the file changes its ctime (which, unlike the mtime, cannot be set back) or, when replaced,
+    # its inode:
     # a same-size edit with the old mtime restored is checked again like any other
-    record = dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino,
-                  algorithm=algorithm, digest=expected)
+    record = dict(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                  inode=st.st_ino, algorithm=algorithm, digest=expected)
     try:
         if not force and json.loads(stamp_file.read_text()) == record: return path
     except (OSError, ValueError): pass
@@ -90,7 +93,8 @@ def verify_file(path: Path | str, expected: str, algorithm: str = "sha256", what
     return path
 
 def bundled_file(name: str, force: bool = False) -> Path:
-    "Path of the bundled file `name` (e.g. 'austen.txt.gz'), verified against `SHA256SUMS` (once per cache unless `force`)."
+    """Path of the bundled file `name` (e.g. 'austen.txt.gz'), verified against `SHA256SUMS` (once per cache
+    unless `force`)."""
     sums = bundled_checksums()
     if name not in sums:
         raise KeyError(f"{name!r} is not a bundled file; bundled files: {sorted(sums)}")
@@ -129,11 +133,13 @@ def mnist_root() -> Path:
 
 # %% ../nbs/02_data.ipynb #57870ccc
 def read_idx(path: Path | str, md5: str | None = None) -> np.ndarray:
-    "Read an IDX file (MNIST's format: big-endian header, then uint8 data), gzip-compressed or not; with `md5`, the bytes read are checked against it (`DataFileError` if they differ)."
+    """Read an IDX file (MNIST's format: big-endian header, then uint8 data), gzip-compressed or not; with
+    `md5`, the bytes read are checked against it (`DataFileError` if they differ)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as f: data = f.read()
     if md5 is not None and hashlib.md5(data).hexdigest() != md5:
-        raise DataFileError(f"{Path(path).name} is corrupt (md5 mismatch of the bytes read from {path}). {RESTORE_HINT}")
+        raise DataFileError(f"{Path(path).name} is corrupt (md5 mismatch of the bytes read from {path}). "
+                            f"{RESTORE_HINT}")
     magic = int.from_bytes(data[:4], "big")
     if magic >> 8 != 0x08:  # 0x08: unsigned byte data
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {magic:#x}).")
@@ -145,7 +151,8 @@ def read_idx(path: Path | str, md5: str | None = None) -> np.ndarray:
     return body.reshape(shape)
 
 def load_mnist(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "MNIST images as uint8 `(N, 28, 28)` and labels as int64 `(N,)`, from the raw files, checked against their md5 as they are read (a cache copy changed since it was verified is rebuilt from the bundled one)."
+    """MNIST images as uint8 `(N, 28, 28)` and labels as int64 `(N,)`, from the raw files, checked against
+    their md5 as they are read (a cache copy changed since it was verified is rebuilt from the bundled one)."""
     prefix = "train" if train else "t10k"
     def read(name):
         path = mnist_root()/"MNIST"/"raw"/name
@@ -176,10 +183,13 @@ class DeviceLoader:
         if not tensors: raise ValueError("DeviceLoader needs at least one tensor.")
         n, dev = len(tensors[0]), tensors[0].device
         for t in tensors:
-            if len(t) != n: raise ValueError(f"All tensors need the same first dimension; got {[len(t) for t in tensors]}.")
-            if t.device != dev: raise ValueError(f"All tensors must be on one device; got {[str(t.device) for t in tensors]}.")
+            if len(t) != n:
+                raise ValueError(f"All tensors need the same first dimension; got {[len(t) for t in tensors]}.")
+            if t.device != dev:
+                raise ValueError(f"All tensors must be on one device; got {[str(t.device) for t in tensors]}.")
         if batch_size < 1: raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        self.tensors, self.batch_size, self.shuffle, self.drop_last, self.generator = tensors, batch_size, shuffle, drop_last, generator
+        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
+        self.drop_last, self.generator = drop_last, generator
 
     @property
     def device(self): return self.tensors[0].device
@@ -201,7 +211,8 @@ def mnist_dataloader(train: bool = True, batch_size: int = 64, shuffle: bool | N
     from torchvision import datasets, transforms
     tfm = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     ds = datasets.MNIST(mnist_root(), train=train, download=False, transform=tfm)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train if shuffle is None else shuffle, **kwargs)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train if shuffle is None else shuffle,
+                                       **kwargs)
 
 # %% ../nbs/02_data.ipynb #0c16c3c1
 @dataclass(frozen=True)
@@ -243,7 +254,8 @@ def review_splits(seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0
     return splits
 
 # %% ../nbs/02_data.ipynb #75994b9d
-AUSTEN_NOVELS = ("Emma", "Mansfield Park", "Northanger Abbey", "Persuasion", "Pride and Prejudice", "Sense and Sensibility")
+AUSTEN_NOVELS = ("Emma", "Mansfield Park", "Northanger Abbey", "Persuasion", "Pride and Prejudice",
+                 "Sense and Sensibility")
 
 def austen_novels() -> dict[str, str]:
     "The text of each of Jane Austen's six novels, by title, in the order of the bundled file."
@@ -251,15 +263,17 @@ def austen_novels() -> dict[str, str]:
     path = bundled_file("austen.txt.gz")
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f: text = f.read()
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # a bad header (BadGzipFile), a cut or damaged stream, bad UTF-8
-        raise DataFileError(f"Bundled data file 'austen.txt.gz' is corrupt: {path} cannot be decompressed ({type(e).__name__}: {e}). "
-                            f"{RESTORE_HINT}") from None
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        # a bad header (BadGzipFile), a cut or damaged stream, bad UTF-8
+        raise DataFileError(f"Bundled data file 'austen.txt.gz' is corrupt: {path} cannot be decompressed "
+                            f"({type(e).__name__}: {e}). {RESTORE_HINT}") from None
     lines = text.splitlines()
     titles = {t.lower(): t for t in AUSTEN_NOVELS}
     starts = [(i, titles[l.strip().lower()]) for i, l in enumerate(lines) if l.strip().lower() in titles]
     found = [t for _, t in starts]
     if sorted(found) != sorted(AUSTEN_NOVELS):
-        raise DataFileError(f"austen.txt.gz does not hold the six novels as expected (title lines found: {found}). {RESTORE_HINT}")
+        raise DataFileError(f"austen.txt.gz does not hold the six novels as expected (title lines found: {found}). "
+                            f"{RESTORE_HINT}")
     ends = [i for i, _ in starts[1:]] + [len(lines)]
     return {title: "\n".join(lines[i:end]).strip() + "\n" for (i, title), end in zip(starts, ends)}
 
@@ -287,7 +301,8 @@ def _load_pretrained(loader, name_or_path, **kwargs):
         where = ("a local folder without the files transformers needs" if local else
                  "not a local folder, and the Hugging Face Hub could not provide it (no network, or a wrong name)")
         raise OSError(f"Could not load pretrained model {path!r}: {where}. Leave the name out to use the "
-                      f"bundled MiniLM, or pass a folder saved with `save_pretrained`. ({type(e).__name__}: {e})") from e
+                      f"bundled MiniLM, or pass a folder saved with `save_pretrained`. "
+                      f"({type(e).__name__}: {e})") from e
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs):
     "The tokenizer of the bundled MiniLM, or of any Hugging Face name or local folder."

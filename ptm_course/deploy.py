@@ -60,7 +60,8 @@ def default_bundle_dir() -> Path:
     return cache_dir("deploy", "fast" if is_fast() else "full")
 
 def _manifest_files(folder: Path, models: dict) -> dict[str, dict]:
-    "Every file the models of a manifest use, relative to `folder`: each model file and every file of its tokenizer folder."
+    """Every file the models of a manifest use, relative to `folder`: each model file and every file of its
+    tokenizer folder."""
     files = {}
     for spec in models.values():
         files[spec["file"]] = folder/spec["file"]
@@ -70,28 +71,35 @@ def _manifest_files(folder: Path, models: dict) -> dict[str, dict]:
     return files
 
 def write_manifest(folder, fast_mode: bool | None = None, **models: dict) -> Path:
-    "Write `manifest.json` in `folder` for `models` (name → {'file', 'labels', ...}), adding each file's size and SHA-256, and the SHA-256 of every file of each model's tokenizer folder; `fast_mode` defaults to `is_fast()`."
+    """Write `manifest.json` in `folder` for `models` (name → {'file', 'labels', ...}), adding each file's
+    size and SHA-256, and the SHA-256 of every file of each model's tokenizer folder; `fast_mode` defaults to
+    `is_fast()`."""
     folder = Path(folder)
     entries = {}
     for name, spec in models.items():
         path = folder/spec["file"]
         entries[name] = {**spec, "size_mb": round(file_size_mb(path), 3), "sha256": _sha256(path)}
-    files = {rel: {"size": f.stat().st_size, "sha256": _sha256(f)} for rel, f in _manifest_files(folder, entries).items()}
-    manifest = {"format": 2, "fast_mode": is_fast() if fast_mode is None else bool(fast_mode), "models": entries, "files": files}
+    files = {rel: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for rel, f in _manifest_files(folder, entries).items()}
+    manifest = {"format": 2, "fast_mode": is_fast() if fast_mode is None else bool(fast_mode), "models": entries,
+                "files": files}
     (folder/MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return folder/MANIFEST
 
 def _inside(folder: Path, rel, where: str, path: Path) -> Path:
-    "`folder/rel` if `rel` is a relative path that stays inside `folder` (symbolic links resolved), else a `ValueError` naming the manifest."
+    """`folder/rel` if `rel` is a relative path that stays inside `folder` (symbolic links resolved), else a
+    `ValueError` naming the manifest."""
     if not isinstance(rel, str) or not rel.strip():
-        raise ValueError(f"{path}: {where} must be a file name (a non-empty string), not {rel!r}. Rebuild the folder with `build_bundle`.")
+        raise ValueError(f"{path}: {where} must be a file name (a non-empty string), not {rel!r}. Rebuild the folder "
+                         f"with `build_bundle`.")
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or "\\" in rel:
-        raise ValueError(f"{path}: {where} is {rel!r}, a path outside the model folder; a manifest names files inside its folder "
-                         "(relative, no '..'). Rebuild the folder with `build_bundle`.")
+        raise ValueError(f"{path}: {where} is {rel!r}, a path outside the model folder; a manifest names files inside "
+                         "its folder (relative, no '..'). Rebuild the folder with `build_bundle`.")
     target = folder/p
     if not target.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{path}: {where} {rel!r} leads outside the model folder (a symbolic link to {target.resolve()}); "
+        raise ValueError(f"{path}: {where} {rel!r} leads outside the model folder (a symbolic link to "
+                         f"{target.resolve()}); "
                          "copy the file into the folder instead.")
     return target
 
@@ -100,51 +108,64 @@ def _check_file(name: str, f: Path, sha256, path: Path):
         raise ValueError(f"{path}: the entry for {name} has no valid \"sha256\" (64 hex digits; found {sha256!r}). "
                          "Rebuild the folder with `build_bundle` (it writes the manifest).")
     if not f.is_file(): raise FileNotFoundError(f"{name}: {f} is missing; rebuild the folder with `build_bundle`.")
-    if _sha256(f) != sha256: raise ValueError(f"{name}: {f} does not match its SHA-256 in {path}: the file was changed or "
+    if _sha256(f) != sha256:
+        raise ValueError(f"{name}: {f} does not match its SHA-256 in {path}: the file was changed or "
                                                "damaged. Rebuild the folder with `build_bundle`.")
 
 def read_manifest(folder) -> dict:
-    "The manifest of a model folder, with every file it names (models and tokenizer files) checked against its SHA-256 and confined to the folder; a clear error naming the manifest when anything is missing, changed or malformed."
+    """The manifest of a model folder, with every file it names (models and tokenizer files) checked against
+    its SHA-256 and confined to the folder; a clear error naming the manifest when anything is missing,
+    changed or malformed."""
     folder = Path(folder).expanduser()
     path = folder/MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"No {MANIFEST} in {folder}: this is not a model folder. Build one with `ptm-course serve` (it builds "
-                                "the default folder when missing), `ptm_course.deploy.build_bundle(folder)` or `ptm-course tour`.")
+        raise FileNotFoundError(f"No {MANIFEST} in {folder}: this is not a model folder. Build one with `ptm-course "
+                                "serve` (it builds the default folder when missing), "
+                                "`ptm_course.deploy.build_bundle(folder)` or `ptm-course tour`.")
     try: manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}): rebuild the folder with `build_bundle`.") from None
-    def bad(what): return ValueError(f"{path} is malformed: {what}. Rebuild the folder with `build_bundle` (it writes the manifest).")
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}): rebuild the folder with "
+                         f"`build_bundle`.") from None
+    def bad(what):
+        return ValueError(f"{path} is malformed: {what}. "
+                          f"Rebuild the folder with `build_bundle` (it writes the manifest).")
     if not isinstance(manifest, dict): raise bad(f"it holds a {type(manifest).__name__}, not an object")
     models = manifest.get("models")
     if not isinstance(models, dict) or not models: raise bad("\"models\" must be an object naming at least one model")
     for name, spec in models.items():
         if not isinstance(spec, dict): raise bad(f"the entry for {name!r} is a {type(spec).__name__}, not an object")
         for key, kind in (("file", str), ("labels", list)):
-            if not isinstance(spec.get(key), kind): raise bad(f"the entry for {name!r} has no {key!r} ({kind.__name__})")
+            if not isinstance(spec.get(key), kind):
+                raise bad(f"the entry for {name!r} has no {key!r} ({kind.__name__})")
         if not all(isinstance(l, str) for l in spec["labels"]): raise bad(f"the labels of {name!r} are not all strings")
         _check_file(name, _inside(folder, spec["file"], f"the file of {name!r}", path), spec.get("sha256"), path)
         if spec.get("tokenizer") is not None:
             tok = _inside(folder, spec["tokenizer"], f"the tokenizer of {name!r}", path)
-            if not tok.is_dir(): raise FileNotFoundError(f"{name}: its tokenizer folder {tok} is missing; rebuild the folder with `build_bundle`.")
+            if not tok.is_dir():
+                raise FileNotFoundError(f"{name}: its tokenizer folder {tok} is missing; rebuild the folder with "
+                                        f"`build_bundle`.")
             files = manifest.get("files")
-            if not isinstance(files, dict): raise bad(f"{name!r} has a tokenizer but the manifest lists no \"files\" with their SHA-256 "
+            if not isinstance(files, dict):
+                raise bad(f"{name!r} has a tokenizer but the manifest lists no \"files\" with their SHA-256 "
                                                       "(an older format that did not cover the tokenizer)")
             for f in sorted(tok.rglob("*")):
                 rel = f.relative_to(folder).as_posix()
                 if f.is_symlink() or not f.resolve().is_relative_to(folder.resolve()):
                     raise ValueError(f"{path}: {rel} is a symbolic link; a model folder holds its files, copy them in.")
                 if f.is_file() and rel not in files:
-                    raise ValueError(f"{name}: {f} is not listed in {path}: a file was added to the tokenizer folder. Remove it or "
-                                     "rebuild the folder with `build_bundle`.")
+                    raise ValueError(f"{name}: {f} is not listed in {path}: a file was added to the tokenizer folder. "
+                                     "Remove it or rebuild the folder with `build_bundle`.")
     for rel, entry in (manifest.get("files") or {}).items():
-        if not isinstance(entry, dict): raise bad(f"the \"files\" entry for {rel!r} is a {type(entry).__name__}, not an object")
+        if not isinstance(entry, dict):
+            raise bad(f"the \"files\" entry for {rel!r} is a {type(entry).__name__}, not an object")
         _check_file(rel, _inside(folder, rel, f"the file {rel!r}", path), entry.get("sha256"), path)
     return manifest
 
 
 # %% ../nbs/08_deployment.ipynb #d58c939a
 def course_models(reviews: bool = True, device=None) -> dict:
-    "What this chapter deploys, from the course cache (trained when missing): MNIST tensors, chapter 7's CNN and, if `reviews`, chapter 6's fine-tuned MiniLM and tokenizer."
+    """What this chapter deploys, from the course cache (trained when missing): MNIST tensors, chapter 7's CNN
+    and, if `reviews`, chapter 6's fine-tuned MiniLM and tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     device = get_device(device)
     xtr, ytr = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
@@ -158,17 +179,19 @@ def course_models(reviews: bool = True, device=None) -> dict:
     return out
 
 def export_digit_models(model: nn.Module, folder, calibration_images, x_test, y_test) -> dict[str, dict]:
-    "An MNIST classifier written to `folder` as `digits_fp32.onnx` and `digits_int8.onnx` (chapter 7's `export_cnn`), with their manifest entries (test accuracy measured in ONNX Runtime)."
+    """An MNIST classifier written to `folder` as `digits_fp32.onnx` and `digits_int8.onnx` (chapter 7's
+    `export_cnn`), with their manifest entries (test accuracy measured in ONNX Runtime)."""
     specs = {}
     for kind, path in export_cnn(model.cpu(), folder, calibration_images.cpu()).items():
         path = path.replace(Path(folder)/f"digits_{kind}.onnx")
         acc = accuracy_of(cnn_logits_onnx(ort_session(path), x_test.cpu()), y_test.cpu())
-        specs[f"digits_{kind}"] = dict(file=path.name, task="digits", precision=kind, labels=DIGIT_LABELS, input="images",
-                                       test_accuracy=round(acc, 2), test_examples=len(y_test))
+        specs[f"digits_{kind}"] = dict(file=path.name, task="digits", precision=kind, labels=DIGIT_LABELS,
+                                       input="images", test_accuracy=round(acc, 2), test_examples=len(y_test))
     return specs
 
 def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
-    "Write the served models to `folder` (default: `default_bundle_dir()`): the CNN (fp32 and int8) and, if `reviews`, fine-tuned MiniLM (fp32 and int8) with its tokenizer; returns the folder."
+    """Write the served models to `folder` (default: `default_bundle_dir()`): the CNN (fp32 and int8) and, if
+    `reviews`, fine-tuned MiniLM (fp32 and int8) with its tokenizer; returns the folder."""
     from ptm_course.finetune import course_splits
     folder = Path(folder) if folder is not None else default_bundle_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,8 +207,9 @@ def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
         labels = [minilm.config.id2label[i] for i in range(minilm.config.num_labels)]
         for kind, path in (("fp32", fp32), ("int8", int8)):
             acc = accuracy_of(text_logits_onnx(ort_session(path), batches), torch.tensor([r.label for r in test]))
-            models[f"reviews_{kind}"] = dict(file=path.name, task="reviews", precision=kind, labels=labels, tokenizer="tokenizer",
-                                             max_length=128, test_accuracy=round(acc, 2), test_examples=len(test))
+            models[f"reviews_{kind}"] = dict(file=path.name, task="reviews", precision=kind, labels=labels,
+                                             tokenizer="tokenizer", max_length=128, test_accuracy=round(acc, 2),
+                                             test_examples=len(test))
     write_manifest(folder, **models)
     return folder
 
@@ -197,29 +221,32 @@ def ensure_bundle(folder=None, device=None) -> Path:
     "`folder` (default: `default_bundle_dir()`), built by `build_bundle` first when it has no manifest."
     folder = Path(folder) if folder is not None else default_bundle_dir()
     if not (folder/MANIFEST).exists():
-        print(f"building the model folder {folder} (first run: trains what the course cache lacks, minutes on a CPU)", flush=True)
+        print(f"building the model folder {folder} (first run: trains what the course cache lacks, minutes on a CPU)",
+              flush=True)
         build_bundle(folder, device=device)
     elif _manifest_format(folder/MANIFEST) < 2:  # written before the manifest covered the tokenizer
-        print(f"rebuilding the model folder {folder}: its manifest predates the one that covers the tokenizer files", flush=True)
+        print(f"rebuilding the model folder {folder}: its manifest predates the one that covers the tokenizer files",
+              flush=True)
         build_bundle(folder, device=device)
     return folder
 
 # %% ../nbs/08_deployment.ipynb #378dee49
 @torch.no_grad()
 def verify_onnx(model: nn.Module, path, inputs: dict[str, torch.Tensor], atol: float = 1e-4) -> float:
-    "Largest |PyTorch − ONNX Runtime| between `model(*inputs.values())` and the ONNX file at `path` fed `inputs` ({ONNX input name: tensor}, in the model's argument order); raises if above `atol`."
+    """Largest |PyTorch − ONNX Runtime| between `model(*inputs.values())` and the ONNX file at `path` fed
+    `inputs` ({ONNX input name: tensor}, in the model's argument order); raises if above `atol`."""
     model = model.to("cpu").eval()
     feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
     out = model(*(v.detach().cpu() for v in inputs.values()))
     expected = (out.logits if hasattr(out, "logits") else out).float().numpy()
     got = ort_session(path).run(None, feeds)[0]
     if got.shape != expected.shape:
-        raise ValueError(f"ONNX Runtime returned shape {got.shape}, PyTorch {expected.shape}: the export froze a dimension "
-                             "(export with dynamic axes, from an example whose dynamic sizes are at least 2).")
+        raise ValueError(f"ONNX Runtime returned shape {got.shape}, PyTorch {expected.shape}: the export froze a "
+                         "dimension (export with dynamic axes, from an example whose dynamic sizes are at least 2).")
     diff = float(np.abs(got.astype(np.float32) - expected).max())
     if not diff <= atol:
-        raise ValueError(f"ONNX Runtime differs from PyTorch by up to {diff:.2e} (> {atol:.0e}): check that the model was "
-                             "exported in eval mode and fed float32, or raise atol if the difference is rounding.")
+        raise ValueError(f"ONNX Runtime differs from PyTorch by up to {diff:.2e} (> {atol:.0e}): check that the model "
+                         "was exported in eval mode and fed float32, or raise atol if the difference is rounding.")
     return diff
 
 # %% ../nbs/08_deployment.ipynb #832f00a0
@@ -232,7 +259,8 @@ def device_sync(device) -> callable | None:
 
 # %% ../nbs/08_deployment.ipynb #70208073
 def cnn_runners(model: nn.Module, folder, compiled: bool = False) -> dict[str, callable]:
-    "name → f(images (N, 1, 28, 28) float32 CPU tensor) for the CNN: eager PyTorch, optionally compiled, and ONNX Runtime fp32/int8 from `folder`."
+    """name → f(images (N, 1, 28, 28) float32 CPU tensor) for the CNN: eager PyTorch, optionally compiled, and
+    ONNX Runtime fp32/int8 from `folder`."""
     model = model.to("cpu").eval()
     def eager(x):
         with torch.inference_mode(): return model(x)
@@ -248,7 +276,8 @@ def cnn_runners(model: nn.Module, folder, compiled: bool = False) -> dict[str, c
     return runners
 
 def text_runners(model, folder, compiled: bool = False) -> dict[str, callable]:
-    "name → f(batch {'input_ids', 'attention_mask'} of int64 numpy arrays) for a sequence classifier: eager, optionally compiled, ONNX Runtime fp32/int8."
+    """name → f(batch {'input_ids', 'attention_mask'} of int64 numpy arrays) for a sequence classifier: eager,
+    optionally compiled, ONNX Runtime fp32/int8."""
     model = model.to("cpu").eval()
     def torch_fn(m):
         def run(b):
@@ -261,8 +290,10 @@ def text_runners(model, folder, compiled: bool = False) -> dict[str, callable]:
         runners[f"ONNX Runtime {kind}"] = lambda b, s=s: s.run(None, b)[0]
     return runners
 
-def measure_runners(runners: dict[str, callable], inputs: dict[int, object], runs: int = 100, warmup: int = 5) -> list[dict]:
-    "Latency of every runner on every batch size in `inputs` ({batch size: input}): rows with p50/p99 ms and throughput (items/s at p50)."
+def measure_runners(runners: dict[str, callable], inputs: dict[int, object], runs: int = 100,
+                    warmup: int = 5) -> list[dict]:
+    """Latency of every runner on every batch size in `inputs` ({batch size: input}): rows with p50/p99 ms and
+    throughput (items/s at p50)."""
     rows = []
     for name, fn in runners.items():
         for n, x in inputs.items():
@@ -284,7 +315,8 @@ def plot_latency(rows: list[dict], title: str, ax=None):
 def format_latency(rows: list[dict]) -> str:
     "A Markdown table of `measure_runners` rows."
     lines = ["| runner | batch | p50 ms | p99 ms | items/s |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['runner']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['items_per_s']:,.0f} |" for r in rows]
+    lines += [f"| {r['runner']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['items_per_s']:,.0f} |"
+              for r in rows]
     return "\n".join(lines)
 
 # %% ../nbs/08_deployment.ipynb #9b9f0e8f
@@ -296,10 +328,12 @@ class RequestError(Exception):
 
 MAX_BODY_BYTES = 2_000_000  # far above a canvas drawing as PNG; a phone photo of a digit fits too
 MAX_REVIEW_BYTES, MAX_REVIEW_CHARS = 65_536, 2_000
-MAX_IMAGE_PIXELS = 1024*1024  # checked on the header, before decoding; a JPEG up to 64× larger is decoded at a reduced scale
+# checked on the header, before decoding; a JPEG up to 64× larger is decoded at a reduced scale
+MAX_IMAGE_PIXELS = 1024*1024
 MAX_IMAGE_SIDE = 560  # larger images are reduced (by a whole factor) to about this size before they are prepared
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what the page and clients send; Pillow's other formats are refused
-MAX_INT_DIGITS = 1000  # no number of this API needs more; Python refuses to convert integers of over 4,300 digits anyway
+# no number of this API needs more; Python refuses to convert integers of over 4,300 digits anyway
+MAX_INT_DIGITS = 1000
 
 def media_type(content_type: str | None) -> str:
     "'application/json; charset=utf-8' → 'application/json' (lower case, parameters dropped)."
@@ -307,48 +341,66 @@ def media_type(content_type: str | None) -> str:
 
 def _bounded_int(digits: str) -> int:
     if len(digits) > MAX_INT_DIGITS:
-        raise RequestError(400, f"The JSON holds an integer with {len(digits):,} digits; numbers here have at most {MAX_INT_DIGITS:,} "
+        raise RequestError(400, f"The JSON holds an integer with {len(digits):,} digits; numbers here have at most "
+                                f"{MAX_INT_DIGITS:,} "
                                 "digits (pixels are 0 to 255): send the values the API expects.")
     return int(digits)
 
 def parse_json_object(content_type: str | None, body: bytes, max_bytes: int) -> dict:
-    "The JSON object in `body`, or a `RequestError`: 415 not JSON, 413 too large, 400 not UTF-8, malformed, nested too deeply, an absurdly long integer, or not an object."
+    """The JSON object in `body`, or a `RequestError`: 415 not JSON, 413 too large, 400 not UTF-8, malformed,
+    nested too deeply, an absurdly long integer, or not an object."""
     if media_type(content_type) != "application/json":
-        raise RequestError(415, f"Content-Type is {content_type or 'missing'!r}; send the body as JSON with 'Content-Type: application/json'.")
+        raise RequestError(415, f"Content-Type is {content_type or 'missing'!r}; send the body as JSON with "
+                                f"'Content-Type: application/json'.")
     if len(body) > max_bytes: raise RequestError(413, f"The body has {len(body):,} bytes; the limit is {max_bytes:,}.")
     try: value = json.loads(body.decode("utf-8"), parse_int=_bounded_int)
-    except UnicodeDecodeError as e: raise RequestError(400, f"The body is not UTF-8 text (byte {e.start}): send JSON encoded as UTF-8.") from None
-    except json.JSONDecodeError as e: raise RequestError(400, f"The body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"The body is not UTF-8 text (byte {e.start}): send JSON encoded as UTF-8.") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"The body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
     except RecursionError:
-        raise RequestError(400, "The JSON is nested too deeply (thousands of levels of [ or {): send a flat object such as {\"text\": \"...\"}.") from None
-    except ValueError as e: raise RequestError(400, f"The body is not JSON this server reads ({str(e)[:120]}).") from None
+        raise RequestError(400, "The JSON is nested too deeply (thousands of levels of [ or {): send a flat object "
+                                "such as {\"text\": \"...\"}.") from None
+    except ValueError as e:
+        raise RequestError(400, f"The body is not JSON this server reads ({str(e)[:120]}).") from None
     if not isinstance(value, dict):
-        raise RequestError(400, f"The JSON body is a {type(value).__name__}, not an object: send an object such as {{\"text\": \"...\"}}.")
+        raise RequestError(400, f"The JSON body is a {type(value).__name__}, not an object: send an object such as "
+                                f"{{\"text\": \"...\"}}.")
     return value
 
-def parse_review_request(content_type: str | None, body: bytes, max_bytes: int = MAX_REVIEW_BYTES, max_chars: int = MAX_REVIEW_CHARS) -> str:
-    "The review text of a `POST /v1/reviews` request, or a `RequestError` (422 for a missing, non-string, empty or too long text)."
+def parse_review_request(content_type: str | None, body: bytes, max_bytes: int = MAX_REVIEW_BYTES,
+                         max_chars: int = MAX_REVIEW_CHARS) -> str:
+    """The review text of a `POST /v1/reviews` request, or a `RequestError` (422 for a missing, non-string,
+    empty or too long text)."""
     obj = parse_json_object(content_type, body, max_bytes)
-    if "text" not in obj: raise RequestError(422, f"The JSON object has no \"text\" field (fields: {sorted(obj) or 'none'}): send {{\"text\": \"your review\"}}.")
+    if "text" not in obj:
+        raise RequestError(422, f"The JSON object has no \"text\" field (fields: {sorted(obj) or 'none'}): send "
+                                f"{{\"text\": \"your review\"}}.")
     text = obj["text"]
     if not isinstance(text, str): raise RequestError(422, f"\"text\" is a {type(text).__name__}, not a string.")
     if not text.strip(): raise RequestError(422, "\"text\" is empty: there is nothing to classify.")
     try: text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RequestError(422, f"\"text\" holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), which is not a "
-                                "character: send valid Unicode text (a surrogate pair's two halves together, or the character itself).") from None
-    if len(text) > max_chars: raise RequestError(422, f"\"text\" has {len(text):,} characters; the limit is {max_chars:,}.")
+        raise RequestError(422, f"\"text\" holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+                                "which is not a character: send valid Unicode text (a surrogate pair's two halves "
+                                "together, or the character itself).") from None
+    if len(text) > max_chars:
+        raise RequestError(422, f"\"text\" has {len(text):,} characters; the limit is {max_chars:,}.")
     return text
 
 def validate_review_request(content_type: str | None, body: bytes, max_bytes: int = MAX_REVIEW_BYTES,
                             max_chars: int = MAX_REVIEW_CHARS) -> tuple[int, str]:
-    "(200, text) for a valid review request, else (4xx status, message): the exercise's contract, the server's behaviour."
+    """(200, text) for a valid review request, else (4xx status, message): the exercise's contract, the
+    server's behaviour."""
     try: return 200, parse_review_request(content_type, body, max_bytes, max_chars)
     except RequestError as e: return e.status, e.message
 
 # %% ../nbs/08_deployment.ipynb #9155d4d6
 def decode_image(data: bytes) -> np.ndarray:
-    "Image bytes (PNG, JPEG, WEBP or GIF) as a grayscale (H, W) float32 array in [0, 1]; transparent areas count as white. The size is checked on the header, before decoding: a JPEG over `MAX_IMAGE_PIXELS` is decoded at 1/2, 1/4 or 1/8 scale (`draft`), other images over it get a 413; a decoded image larger than `MAX_IMAGE_SIDE` is reduced by a whole factor. `RequestError` 422 if not such an image."
+    """Image bytes (PNG, JPEG, WEBP or GIF) as a grayscale (H, W) float32 array in [0, 1]; transparent areas
+    count as white. The size is checked on the header, before decoding: a JPEG over `MAX_IMAGE_PIXELS` is
+    decoded at 1/2, 1/4 or 1/8 scale (`draft`), other images over it get a 413; a decoded image larger than
+    `MAX_IMAGE_SIDE` is reduced by a whole factor. `RequestError` 422 if not such an image."""
     from PIL import Image, UnidentifiedImageError
     formats = ", ".join(IMAGE_FORMATS[:-1]) + " or " + IMAGE_FORMATS[-1]
     if not data: raise RequestError(422, f"The image is empty: send the bytes of a {formats} file.")
@@ -356,10 +408,14 @@ def decode_image(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             w, h = img.size
             if w*h > MAX_IMAGE_PIXELS:
-                scale = next((f for f in (2, 4, 8) if -(-w//f)*-(-h//f) <= MAX_IMAGE_PIXELS), None) if img.format == "JPEG" else None
-                if scale is None or img.draft("L", (-(-w//scale), -(-h//scale))) is None or img.width*img.height > MAX_IMAGE_PIXELS:
-                    raise RequestError(413, f"The image is {w}×{h} = {w*h:,} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels "
-                                            f"(a JPEG may be up to 64 times larger): send a smaller image, a digit needs about 280×280.")
+                scale = (next((f for f in (2, 4, 8) if -(-w//f)*-(-h//f) <= MAX_IMAGE_PIXELS), None)
+                         if img.format == "JPEG" else None)
+                if (scale is None or img.draft("L", (-(-w//scale), -(-h//scale))) is None
+                        or img.width*img.height > MAX_IMAGE_PIXELS):
+                    raise RequestError(413, f"The image is {w}×{h} = {w*h:,} pixels; the limit is "
+                                            f"{MAX_IMAGE_PIXELS:,} pixels (a JPEG may be up to 64 times larger): "
+                                            f"send a smaller image, a "
+                                            f"digit needs about 280×280.")
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 rgba = img.convert("RGBA")
@@ -370,18 +426,23 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(gray, dtype=np.float32)/255.0
     except RequestError: raise
     except UnidentifiedImageError:
-        raise RequestError(422, f"The data ({len(data):,} bytes starting {data[:8]!r}) is not an image format this server reads: send a {formats}.") from None
+        raise RequestError(422, f"The data ({len(data):,} bytes starting {data[:8]!r}) is not an image format this "
+                                f"server reads: send a {formats}.") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
-        raise RequestError(422, f"The data is not an image this server can read ({type(e).__name__}: {str(e)[:200]}); send a {formats}.") from None
+        raise RequestError(422, f"The data is not an image this server can read ({type(e).__name__}: {str(e)[:200]}); "
+                                f"send a {formats}.") from None
 
 def prepare_digit(image: np.ndarray, threshold: float = 0.2) -> np.ndarray:
-    "Any grayscale drawing (H, W) in [0, 1] made to look like an MNIST digit: light on dark, the ink scaled to fit 20×20, centered by its center of mass in 28×28. Returns (28, 28) float32 in [0, 1]."
+    """Any grayscale drawing (H, W) in [0, 1] made to look like an MNIST digit: light on dark, the ink scaled
+    to fit 20×20, centered by its center of mass in 28×28. Returns (28, 28) float32 in [0, 1]."""
     x = np.asarray(image, dtype=np.float32)
     if x.ndim != 2 or min(x.shape) < 1: raise RequestError(422, f"Expected a 2-D grayscale image, got shape {x.shape}.")
     border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    if np.median(border) > 0.5: x, border = 1.0 - x, 1.0 - border  # dark ink on a light background: MNIST is light on dark
+    # dark ink on a light background: MNIST is light on dark
+    if np.median(border) > 0.5: x, border = 1.0 - x, 1.0 - border
     x = np.clip(x - np.median(border), 0.0, 1.0)  # the background to 0
-    if x.max() < threshold: raise RequestError(422, "The image is blank (no stroke stands out from the background): draw a digit.")
+    if x.max() < threshold:
+        raise RequestError(422, "The image is blank (no stroke stands out from the background): draw a digit.")
     rows, cols = np.nonzero(x > threshold*x.max())
     crop = x[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     h, w = crop.shape
@@ -392,47 +453,58 @@ def prepare_digit(image: np.ndarray, threshold: float = 0.2) -> np.ndarray:
     small = small/max(small.max(), 1e-6)
     total = small.sum()
     cy, cx = (small.sum(1)*np.arange(nh)).sum()/total, (small.sum(0)*np.arange(nw)).sum()/total
-    top, left = int(np.clip(round(14 - cy), 0, 28 - nh)), int(np.clip(round(14 - cx), 0, 28 - nw))  # MNIST's mass centre: pixel (14, 14)
+    # MNIST's mass centre: pixel (14, 14)
+    top, left = int(np.clip(round(14 - cy), 0, 28 - nh)), int(np.clip(round(14 - cx), 0, 28 - nw))
     out = np.zeros((28, 28), np.float32)
     out[top:top + nh, left:left + nw] = small
     return out
 
 def normalize_digits(pixels: np.ndarray) -> np.ndarray:
-    "(N, 28, 28) pixels in [0, 1] → the (N, 1, 28, 28) float32 input of the course's MNIST models (normalized as in training)."
+    """(N, 28, 28) pixels in [0, 1] → the (N, 1, 28, 28) float32 input of the course's MNIST models
+    (normalized as in training)."""
     return ((np.asarray(pixels, np.float32) - MNIST_MEAN)/MNIST_STD)[:, None].astype(np.float32)
 
 def parse_digit_request(content_type: str | None, body: bytes, max_bytes: int = MAX_BODY_BYTES) -> np.ndarray:
-    "The (1, 1, 28, 28) model input of a `POST /v1/digits` request (JSON pixels, JSON base64 image, or image bytes), or a `RequestError`."
+    """The (1, 1, 28, 28) model input of a `POST /v1/digits` request (JSON pixels, JSON base64 image, or image
+    bytes), or a `RequestError`."""
     kind = media_type(content_type)
     if len(body) > max_bytes: raise RequestError(413, f"The body has {len(body):,} bytes; the limit is {max_bytes:,}.")
     if kind.startswith("image/"): return normalize_digits(prepare_digit(decode_image(body))[None])
     if kind != "application/json":
-        raise RequestError(415, f"Content-Type is {content_type or 'missing'!r}; send JSON ('application/json') or an image ('image/png').")
+        raise RequestError(415, f"Content-Type is {content_type or 'missing'!r}; send JSON ('application/json') or an "
+                                f"image ('image/png').")
     obj = parse_json_object(content_type, body, max_bytes)
     if "pixels" in obj:
         try: pixels = np.asarray(obj["pixels"], dtype=np.float32)
         except OverflowError:
-            raise RequestError(422, "\"pixels\" holds a number too large for any image: send numbers between 0 and 1, or between 0 and 255.") from None
+            raise RequestError(422, "\"pixels\" holds a number too large for any image: send numbers between 0 and 1, "
+                                    "or between 0 and 255.") from None
         except (ValueError, TypeError, RecursionError):
-            raise RequestError(422, "\"pixels\" must be 28 rows of 28 numbers (a ragged or non-numeric list was sent).") from None
-        if pixels.shape != (28, 28): raise RequestError(422, f"\"pixels\" has shape {pixels.shape}; expected 28 rows of 28 numbers (MNIST layout).")
+            raise RequestError(422, "\"pixels\" must be 28 rows of 28 numbers "
+                                    "(a ragged or non-numeric list was sent).") from None
+        if pixels.shape != (28, 28):
+            raise RequestError(422, f"\"pixels\" has shape {pixels.shape}; "
+                                    f"expected 28 rows of 28 numbers (MNIST layout).")
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
             raise RequestError(422, "\"pixels\" must be numbers between 0 and 1, or between 0 and 255.")
-        if pixels.max() == pixels.min(): raise RequestError(422, "\"pixels\" are all the same value: the image is blank, draw a digit.")
+        if pixels.max() == pixels.min():
+            raise RequestError(422, "\"pixels\" are all the same value: the image is blank, draw a digit.")
         return normalize_digits((pixels/255.0 if pixels.max() > 1 else pixels)[None])
     if "image" in obj:
         data = obj["image"]
-        if not isinstance(data, str): raise RequestError(422, f"\"image\" is a {type(data).__name__}; expected a base64 string or a data: URL.")
+        if not isinstance(data, str):
+            raise RequestError(422, f"\"image\" is a {type(data).__name__}; expected a base64 string or a data: URL.")
         if data.startswith("data:"): data = data.partition(",")[2]
         try: raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError): raise RequestError(422, "\"image\" is not valid base64.") from None
         return normalize_digits(prepare_digit(decode_image(raw))[None])
-    raise RequestError(422, f"The JSON object has neither \"pixels\" nor \"image\" (fields: {sorted(obj) or 'none'}): send "
-                            "{\"pixels\": 28×28 numbers} or {\"image\": \"<base64 PNG>\"}.")
+    raise RequestError(422, f"The JSON object has neither \"pixels\" nor \"image\" (fields: {sorted(obj) or 'none'}): "
+                            "send {\"pixels\": 28×28 numbers} or {\"image\": \"<base64 PNG>\"}.")
 
 # %% ../nbs/08_deployment.ipynb #ff518e10
 class ServedModels:
-    "The models of a folder written by `build_bundle` (or the tour), as ONNX Runtime sessions: `digits(x)` and `reviews(texts)` return probabilities."
+    """The models of a folder written by `build_bundle` (or the tour), as ONNX Runtime sessions: `digits(x)`
+    and `reviews(texts)` return probabilities."""
     def __init__(self, folder, precision: str = "int8", threads: int | None = None):
         self.folder = Path(folder).expanduser()
         self.manifest = read_manifest(self.folder)
@@ -443,40 +515,49 @@ class ServedModels:
             self.specs[task] = spec
             self.sessions[task] = ort_session(self.folder/spec["file"], threads)
         if not self.sessions: raise ValueError(f"{self.folder/MANIFEST} names no digits or reviews model.")
-        self.tokenizer, self._tokenizing = None, threading.Lock()  # a fast tokenizer must not be called from two threads at once
+        # a fast tokenizer must not be called from two threads at once
+        self.tokenizer, self._tokenizing = None, threading.Lock()
         if "reviews" in self.specs:
             from transformers import AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(self.folder/self.specs["reviews"]["tokenizer"], local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.folder/self.specs["reviews"]["tokenizer"], local_files_only=True)
 
     def _need(self, task: str):
         if task not in self.sessions:
-            raise RequestError(404, f"This server has no {task} model (its folder {self.folder} has none); build a full folder with "
-                                    "`ptm_course.deploy.build_bundle()` or serve the default one: `ptm-course serve`.")
+            raise RequestError(404, f"This server has no {task} model (its folder {self.folder} has none); build a "
+                                    "full folder with `ptm_course.deploy.build_bundle()` or serve the default one: "
+                                    "`ptm-course serve`.")
 
     def digits(self, x: np.ndarray) -> np.ndarray:
         "Probabilities (N, 10) for normalized images (N, 1, 28, 28)."
         self._need("digits")
-        return torch.from_numpy(self.sessions["digits"].run(None, {"images": np.ascontiguousarray(x, np.float32)})[0]).softmax(-1).numpy()
+        logits = self.sessions["digits"].run(None, {"images": np.ascontiguousarray(x, np.float32)})[0]
+        return torch.from_numpy(logits).softmax(-1).numpy()
 
     def reviews(self, texts: list[str]) -> np.ndarray:
         "Probabilities (N, 2) for review texts."
         self._need("reviews")
         with self._tokenizing:
-            batch = review_batches(list(texts), self.tokenizer, batch_size=len(texts), max_length=self.specs["reviews"]["max_length"])[0]
+            batch = review_batches(list(texts), self.tokenizer, batch_size=len(texts),
+                                   max_length=self.specs["reviews"]["max_length"])[0]
         return torch.from_numpy(self.sessions["reviews"].run(None, batch)[0]).softmax(-1).numpy()
 
     def answer(self, task: str, probs: np.ndarray, started: float) -> dict:
-        "The JSON answer for one example: label, its id, every label's probability, the file and the milliseconds taken."
+        """The JSON answer for one example: label, its id, every label's probability, the file and the
+        milliseconds taken."""
         labels = self.specs[task]["labels"]
         j = int(probs.argmax())
-        return {"label": labels[j], "label_id": j, "probabilities": {l: round(float(p), 6) for l, p in zip(labels, probs)},
+        return {"label": labels[j], "label_id": j,
+                "probabilities": {l: round(float(p), 6) for l, p in zip(labels, probs)},
                 "model": self.specs[task]["file"], "ms": round(1e3*(time.perf_counter() - started), 3)}
 
     def describe(self) -> dict:
-        return {task: {k: spec[k] for k in ("file", "precision", "test_accuracy", "test_examples", "sha256")} for task, spec in self.specs.items()}
+        return {task: {k: spec[k] for k in ("file", "precision", "test_accuracy", "test_examples", "sha256")}
+                for task, spec in self.specs.items()}
 
 # %% ../nbs/08_deployment.ipynb #973557d5
-WORKERS = 2           # threads that decode images and run the models: what one burst of requests can take, in CPU and memory
+# threads that decode images and run the models: what one burst of requests can take, in CPU and memory
+WORKERS = 2
 MAX_QUEUED = 32       # requests waiting for a worker; beyond this a request gets a 503 with Retry-After at once
 BODY_TIMEOUT_S = 15.0 # the whole body must arrive within this, once the headers have
 
@@ -484,7 +565,9 @@ class ClientGone(Exception):
     "The client closed the connection before its request body arrived: nothing to answer, nothing to log above INFO."
 
 async def _read_body(request, max_bytes: int, timeout: float | None = None) -> bytes:
-    "The request body, refused with 413 as soon as it (or its declared Content-Length) passes `max_bytes`, with 408 if it takes longer than `timeout` seconds (default `BODY_TIMEOUT_S`); `ClientGone` if the client hangs up."
+    """The request body, refused with 413 as soon as it (or its declared Content-Length) passes `max_bytes`,
+    with 408 if it takes longer than `timeout` seconds (default `BODY_TIMEOUT_S`); `ClientGone` if the client
+    hangs up."""
     import asyncio
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -496,8 +579,8 @@ async def _read_body(request, max_bytes: int, timeout: float | None = None) -> b
     while True:
         try: message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0.0))
         except asyncio.TimeoutError:
-            raise RequestError(408, f"The body did not arrive within {timeout:g} s ({size:,} bytes came): send the whole request at "
-                                    "once.") from None
+            raise RequestError(408, f"The body did not arrive within {timeout:g} s ({size:,} bytes came): send the "
+                                    "whole request at once.") from None
         if message["type"] == "http.disconnect": raise ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
@@ -506,66 +589,71 @@ async def _read_body(request, max_bytes: int, timeout: float | None = None) -> b
         if not message.get("more_body", False): return b"".join(chunks)
 
 class _Workers:
-    "A bounded pool for the CPU work of requests (decoding, tokenizing, the models), off the event loop so `/health` and the page stay fast."
+    """A bounded pool for the CPU work of requests (decoding, tokenizing, the models), off the event loop so
+    `/health` and the page stay fast."""
     def __init__(self, workers: int = WORKERS, max_queued: int = MAX_QUEUED):
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ptm-serve")
         self.limit, self.busy = workers + max_queued, 0
     async def run(self, fn, *args):
         import asyncio
         if self.busy >= self.limit:
-            raise RequestError(503, f"The server is busy ({self.busy} requests in progress or waiting): retry in a second.",
+            raise RequestError(503, f"The server is busy ({self.busy} requests in progress or waiting): "
+                                    f"retry in a second.",
                                headers={"Retry-After": "1"})
         self.busy += 1
         try: return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         finally: self.busy -= 1
 
 def _openapi() -> dict:
-    "The request bodies and answers of the API as OpenAPI pieces (the endpoints read raw bodies to give their own errors, so FastAPI cannot infer them)."
+    """The request bodies and answers of the API as OpenAPI pieces (the endpoints read raw bodies to give
+    their own errors, so FastAPI cannot infer them)."""
     from pydantic import BaseModel, Field
     class ReviewRequest(BaseModel):
         text: str = Field(min_length=1, max_length=MAX_REVIEW_CHARS, description="the review, at most 2,000 characters")
     class DigitPixels(BaseModel):
-        pixels: list[list[float]] = Field(min_length=28, max_length=28, description="28 rows of 28 numbers, 0 to 1 or 0 to 255, light ink on dark (MNIST)")
+        pixels: list[list[float]] = Field(min_length=28, max_length=28,
+                                          description="28 rows of 28 numbers, 0 to 1 or 0 to 255, light ink on dark "
+                                                      "(MNIST)")
     class DigitImage(BaseModel):
-        image: str = Field(description="a PNG, JPEG, WEBP or GIF as base64 or a data: URL; any drawing, it is centred and scaled like MNIST")
+        image: str = Field(description="a PNG, JPEG, WEBP or GIF as base64 or a data: URL; any drawing, it is centred "
+                                       "and scaled like MNIST")
     pixels = DigitPixels.model_json_schema()
-    pixels["properties"]["pixels"]["items"].update(minItems=28, maxItems=28, items={"type": "number", "minimum": 0, "maximum": 255})
+    pixels["properties"]["pixels"]["items"].update(minItems=28, maxItems=28,
+                                                   items={"type": "number", "minimum": 0, "maximum": 255})
     binary = {"schema": {"type": "string", "format": "binary"}}
     digits = {"application/json": {"schema": {"anyOf": [pixels, DigitImage.model_json_schema()]}},
               **{f"image/{f.lower()}": binary for f in IMAGE_FORMATS}}
     error = {"description": "a bad request; `error` says what to fix",
-             "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+             "content": {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                                         "properties": {"error": {"type": "string"}}}}}}
     answer = {"type": "object", "required": ["label", "label_id", "probabilities", "model", "ms"],
               "properties": {"label": {"type": "string"}, "label_id": {"type": "integer"}, "model": {"type": "string"},
-                             "probabilities": {"type": "object", "additionalProperties": {"type": "number"}}, "ms": {"type": "number"}}}
+                             "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+                             "ms": {"type": "number"}}}
     def route(content, statuses):
         return dict(openapi_extra={"requestBody": {"required": True, "content": content}},
-                    responses={200: {"description": "the prediction", "content": {"application/json": {"schema": answer}}},
+                    responses={200: {"description": "the prediction",
+                                     "content": {"application/json": {"schema": answer}}},
                                **{s: error for s in statuses}})
     return dict(digits=route(digits, (400, 404, 408, 413, 415, 422, 503)),
-                reviews=route({"application/json": {"schema": ReviewRequest.model_json_schema()}}, (400, 404, 408, 413, 415, 422, 503)))
+                reviews=route({"application/json": {"schema": ReviewRequest.model_json_schema()}},
+                              (400, 404, 408, 413, 415, 422, 503)))
 
-def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max_queued: int = MAX_QUEUED, body_timeout: float = BODY_TIMEOUT_S,
-               model_threads: int | None = 1):
-    "The FastAPI application serving the models of `folder` (default: `default_bundle_dir()`) and the page; CPU work runs in a pool of `workers` threads with at most `max_queued` requests waiting, each model call on `model_threads` threads (1: the pool's threads are the parallelism, and no ONNX Runtime thread spins next to the event loop; None: torch's thread count)."
-    import logging
-    from fastapi import FastAPI
+def _add_error_handlers(app, log):
+    "JSON errors: a `RequestError`'s own status and message, 404/405 naming the routes, 422, and 500 for a crash."
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
-    models = ServedModels(folder if folder is not None else default_bundle_dir(), precision, threads=model_threads)
-    pool = _Workers(workers, max_queued)
-    log = logging.getLogger("ptm_course.serve")
-    app = FastAPI(title="ptm-course models", version="1", description="Digit classification and review sentiment from the ptm-course models.")
-    app.state.models = models
-
     @app.exception_handler(RequestError)
-    async def bad_request(request, e: RequestError): return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+    async def bad_request(request, e: RequestError):
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        hint = {404: f"No route {request.url.path}; the routes are GET /, GET /health, POST /v1/digits and POST /v1/reviews.",
-                405: f"{request.method} is not allowed on {request.url.path}; use {(e.headers or {}).get('Allow', 'another method')} "
+        hint = {404: f"No route {request.url.path}; the routes are GET /, GET /health, POST /v1/digits and "
+                     f"POST /v1/reviews.",
+                405: f"{request.method} is not allowed on {request.url.path}; use "
+                     f"{(e.headers or {}).get('Allow', 'another method')} "
                      "(see GET / for the routes)."}.get(e.status_code, str(e.detail))
         return JSONResponse({"error": hint}, status_code=e.status_code, headers=e.headers)
     @app.exception_handler(RequestValidationError)
@@ -578,13 +666,18 @@ def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max
     @app.exception_handler(Exception)
     async def crashed(request, e: Exception):
         log.exception("error while answering %s", request.url.path)
-        return JSONResponse({"error": f"The server failed on this request ({type(e).__name__}); it keeps serving. Details are in its log."},
+        return JSONResponse({"error": f"The server failed on this request ({type(e).__name__}); it keeps serving. "
+                                      f"Details are in its log."},
                             status_code=500)
 
+def _add_routes(app, models, pool, body_timeout: float):
+    "GET / (the page), GET /health, and POST /v1/digits and /v1/reviews, whose CPU work runs in `pool`."
+    from fastapi.responses import HTMLResponse
     @app.get("/", response_class=HTMLResponse)
     async def page(): return PAGE
+    # on the event loop: no thread hop, answers even when the pool is busy
     @app.get("/health")
-    async def health(): return {"status": "ok", "models": models.describe()}  # on the event loop: no thread hop, answers even when the pool is busy
+    async def health(): return {"status": "ok", "models": models.describe()}
     spec = _openapi()
     @app.post("/v1/digits", **spec["digits"])
     async def digits(request: Request):
@@ -602,8 +695,23 @@ def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max
         content_type = request.headers.get("content-type")
         probs = await pool.run(lambda: models.reviews([parse_review_request(content_type, body)]))
         return models.answer("reviews", probs[0], started)
-    return app
 
+def create_app(folder=None, precision: str = "int8", workers: int = WORKERS, max_queued: int = MAX_QUEUED,
+               body_timeout: float = BODY_TIMEOUT_S, model_threads: int | None = 1):
+    """The FastAPI application serving the models of `folder` (default: `default_bundle_dir()`) and the page;
+    CPU work runs in a pool of `workers` threads with at most `max_queued` requests waiting, each model call
+    on `model_threads` threads (1: the pool's threads are the parallelism, and no ONNX Runtime thread spins
+    next to the event loop; None: torch's thread count)."""
+    import logging
+    from fastapi import FastAPI
+    models = ServedModels(folder if folder is not None else default_bundle_dir(), precision, threads=model_threads)
+    pool = _Workers(workers, max_queued)
+    app = FastAPI(title="ptm-course models", version="1",
+                  description="Digit classification and review sentiment from the ptm-course models.")
+    app.state.models = models
+    _add_error_handlers(app, logging.getLogger("ptm_course.serve"))
+    _add_routes(app, models, pool, body_timeout)
+    return app
 
 # %% ../nbs/08_deployment.ipynb #cf8b3521
 PAGE = """<!doctype html>
@@ -612,7 +720,8 @@ PAGE = """<!doctype html>
 <style>
  body { font-family: system-ui, sans-serif; max-width: 760px; margin: 2em auto; padding: 0 1em; color: #222; }
  section { margin-bottom: 2em; } canvas { border: 1px solid #888; touch-action: none; cursor: crosshair; }
- .bar { display: flex; align-items: center; gap: .5em; font-size: .9em; } .bar span:first-child { width: 4em; text-align: right; }
+ .bar { display: flex; align-items: center; gap: .5em; font-size: .9em; }
+ .bar span:first-child { width: 4em; text-align: right; }
  .bar div { background: #4a7; height: .8em; } .answer { font-size: 1.4em; margin: .3em 0; } .error { color: #b00; }
  textarea { width: 100%; height: 5em; font: inherit; } button { font: inherit; margin-right: .5em; }
 </style></head><body>
@@ -629,7 +738,8 @@ PAGE = """<!doctype html>
  <div class="answer">Sentiment: <b id="review-result">-</b></div><div id="review-probs"></div>
  <div id="review-error" class="error"></div>
 </section>
-<p>API: <code>POST /v1/digits</code>, <code>POST /v1/reviews</code>, <code>GET /health</code>; interactive docs at <a href="/docs">/docs</a>.</p>
+<p>API: <code>POST /v1/digits</code>, <code>POST /v1/reviews</code>, <code>GET /health</code>;
+ interactive docs at <a href="/docs">/docs</a>.</p>
 <script>
 const canvas = document.getElementById("canvas"), ctx = canvas.getContext("2d");
 function clearCanvas() { ctx.fillStyle = "black"; ctx.fillRect(0, 0, canvas.width, canvas.height); }
@@ -637,50 +747,66 @@ clearCanvas();
 ctx.strokeStyle = "white"; ctx.lineWidth = 20; ctx.lineCap = "round"; ctx.lineJoin = "round";
 let drawing = false;
 function pos(e) { const r = canvas.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; }
-canvas.addEventListener("pointerdown", e => { drawing = true; const [x, y] = pos(e); ctx.beginPath(); ctx.moveTo(x, y); ctx.lineTo(x, y); ctx.stroke(); });
-canvas.addEventListener("pointermove", e => { if (!drawing) return; const [x, y] = pos(e); ctx.lineTo(x, y); ctx.stroke(); });
+canvas.addEventListener("pointerdown", e => {
+  drawing = true; const [x, y] = pos(e); ctx.beginPath(); ctx.moveTo(x, y); ctx.lineTo(x, y); ctx.stroke();
+});
+canvas.addEventListener("pointermove", e => {
+  if (!drawing) return; const [x, y] = pos(e); ctx.lineTo(x, y); ctx.stroke();
+});
 window.addEventListener("pointerup", () => { if (drawing) { drawing = false; predictDigit(); } });
 function bars(el, probs) {
   el.innerHTML = "";
   for (const [label, p] of Object.entries(probs)) {
     const row = document.createElement("div"); row.className = "bar";
-    row.innerHTML = `<span>${label}</span><div style="width:${Math.round(300 * p)}px"></div><span>${(100 * p).toFixed(1)} %</span>`;
+    row.innerHTML = `<span>${label}</span><div style="width:${Math.round(300 * p)}px"></div>`
+                  + `<span>${(100 * p).toFixed(1)} %</span>`;
     el.appendChild(row);
   }
 }
 async function post(url, payload, prefix) {
   const err = document.getElementById(prefix + "-error"); err.textContent = "";
   try {
-    const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) });
+    const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+                                 body: JSON.stringify(payload) });
     const answer = await r.json();
-    if (!r.ok) { err.textContent = answer.error || r.statusText; document.getElementById(prefix + "-result").textContent = "-";
-                 document.getElementById(prefix + "-probs").innerHTML = ""; return; }
+    if (!r.ok) {
+      err.textContent = answer.error || r.statusText; document.getElementById(prefix + "-result").textContent = "-";
+      document.getElementById(prefix + "-probs").innerHTML = ""; return;
+    }
     document.getElementById(prefix + "-result").textContent = answer.label;
     bars(document.getElementById(prefix + "-probs"), answer.probabilities);
   } catch (e) { err.textContent = "The server did not answer: " + e; }
 }
 function predictDigit() { return post("/v1/digits", { image: canvas.toDataURL("image/png") }, "digit"); }
 document.getElementById("digit-predict").onclick = predictDigit;
-document.getElementById("digit-clear").onclick = () => { clearCanvas(); document.getElementById("digit-result").textContent = "-";
-  document.getElementById("digit-probs").innerHTML = ""; document.getElementById("digit-error").textContent = ""; };
-document.getElementById("review-submit").onclick = () => post("/v1/reviews", { text: document.getElementById("review-text").value }, "review");
+document.getElementById("digit-clear").onclick = () => {
+  clearCanvas(); document.getElementById("digit-result").textContent = "-";
+  document.getElementById("digit-probs").innerHTML = ""; document.getElementById("digit-error").textContent = "";
+};
+document.getElementById("review-submit").onclick =
+  () => post("/v1/reviews", { text: document.getElementById("review-text").value }, "review");
 </script></body></html>
 """
 
 # %% ../nbs/08_deployment.ipynb #c3076e9b
-HEADER_TIMEOUT_S = 10.0  # a connection must send a request's headers within this (from when it opens or its last answer)
+# a connection must send a request's headers within this (from when it opens or its last answer)
+HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5.0       # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 200    # open connections beyond this are closed at once (lowered to fit the process's file-descriptor limit)
+# open connections beyond this are closed at once (lowered to fit the process's file-descriptor limit)
+MAX_CONNECTIONS = 200
 MAX_HEADER_BYTES = 16_384
 
 def _connection_limits(wanted: int) -> tuple[int, int]:
-    "(connections, listen backlog) that fit this process's file-descriptor limit (the soft limit is raised to the hard one first): asyncio accepts up to a backlog of sockets at a time before the guard can close the excess, so the descriptors already open, a margin and twice the backlog are kept free."
+    """(connections, listen backlog) that fit this process's file-descriptor limit (the soft limit is raised
+    to the hard one first): asyncio accepts up to a backlog of sockets at a time before the guard can close
+    the excess, so the descriptors already open, a margin and twice the backlog are kept free."""
     try: import resource
     except ImportError: return wanted, 128  # Windows: no RLIMIT_NOFILE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY: return wanted, 128
     try: open_now = len(os.listdir("/proc/self/fd"))
@@ -689,14 +815,18 @@ def _connection_limits(wanted: int) -> tuple[int, int]:
     return int(max(8, min(wanted, soft - open_now - 32 - 2*backlog))), backlog
 
 def guarded_protocol(header_timeout: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
-    "uvicorn's h11 protocol with two guards uvicorn lacks: a connection that has not sent a complete request head within `header_timeout` s gets a 408 and is closed; connections beyond `max_connections` are closed at once with a 503 (the descriptor is freed before the process runs out)."
+    """uvicorn's h11 protocol with two guards uvicorn lacks: a connection that has not sent a complete request
+    head within `header_timeout` s gets a 408 and is closed; connections beyond `max_connections` are closed
+    at once with a 503 (the descriptor is freed before the process runs out)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
     def raw(status: str, message: str) -> bytes:
         body = json.dumps({"error": message}).encode()
-        return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
-    too_slow = raw("408 Request Timeout", f"The request headers did not arrive within {header_timeout:g} s: send the request at once.")
-    too_many = raw("503 Service Unavailable", f"The server holds its limit of {max_connections} connections: retry shortly, and "
-                                              "close connections you do not use.")
+        return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: "
+                f"close\r\n\r\n").encode() + body
+    too_slow = raw("408 Request Timeout", f"The request headers did not arrive within {header_timeout:g} s: send the "
+                                          f"request at once.")
+    too_many = raw("503 Service Unavailable", f"The server holds its limit of {max_connections} connections: retry "
+                                              "shortly, and close connections you do not use.")
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
         def connection_made(self, transport):
@@ -714,7 +844,8 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT_S, max_connections: 
         def _in_request(self) -> bool: return self.cycle is not None and not self.cycle.response_complete
         def handle_events(self):
             super().handle_events()
-            if self._in_request(): self._disarm()  # the head arrived: the body has its own limit (BODY_TIMEOUT_S, in the app)
+            # the head arrived: the body has its own limit (BODY_TIMEOUT_S, in the app)
+            if self._in_request(): self._disarm()
         def on_response_complete(self):
             super().on_response_complete()
             if not self.transport.is_closing() and not self._in_request(): self._arm()
@@ -729,18 +860,20 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT_S, max_connections: 
     return GuardedH11Protocol
 
 def serve(folder=None, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", precision: str = "int8",
-          header_timeout: float = HEADER_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S, keep_alive: float = KEEP_ALIVE_S,
-          max_connections: int = MAX_CONNECTIONS, workers: int = WORKERS, max_queued: int = MAX_QUEUED) -> None:
-    "Serve the models of `folder` (built first if it is the default folder and missing) with uvicorn until interrupted, with the limits and timeouts the README's 'Serving' section lists."
+          header_timeout: float = HEADER_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S,
+          keep_alive: float = KEEP_ALIVE_S, max_connections: int = MAX_CONNECTIONS, workers: int = WORKERS,
+          max_queued: int = MAX_QUEUED) -> None:
+    """Serve the models of `folder` (built first if it is the default folder and missing) with uvicorn until
+    interrupted, with the limits and timeouts the README's 'Serving' section lists."""
     import uvicorn
     if folder is None: folder = ensure_bundle()
     app = create_app(folder, precision, workers=workers, max_queued=max_queued, body_timeout=body_timeout)
     connections, backlog = _connection_limits(max_connections)
-    print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops; at most {connections} "
-          "connections)", flush=True)
+    print(f"serving {', '.join(app.state.models.specs)} from {folder} at http://{host}:{port}/ (Ctrl+C stops; "
+          f"at most {connections} connections)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, http=guarded_protocol(header_timeout, connections),
-                timeout_keep_alive=keep_alive, limit_concurrency=connections + 1, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                backlog=backlog, timeout_graceful_shutdown=5)
+                timeout_keep_alive=keep_alive, limit_concurrency=connections + 1,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=backlog, timeout_graceful_shutdown=5)
 
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port that nothing listens on right now."
@@ -754,32 +887,39 @@ class ServerURL(str):
     log_path: Path
 
 @contextlib.contextmanager
-def server_process(folder, host: str = "127.0.0.1", port: int | None = None, timeout: float = 120.0, threads: int | None = None,
-                   args: list[str] = (), log_path=None, fd_limit: int | None = None):
-    "Run `ptm-course serve --models folder [args]` in a child process; yields its base URL (a `ServerURL`: also `.pid`, `.log_path`) once `/health` answers, stops it on exit. The log goes to `log_path` if given (kept), else to a temporary file (deleted); `fd_limit` caps the child's open files (Unix), as on a small machine."
+def server_process(folder, host: str = "127.0.0.1", port: int | None = None, timeout: float = 120.0,
+                   threads: int | None = None, args: list[str] = (), log_path=None, fd_limit: int | None = None):
+    """Run `ptm-course serve --models folder [args]` in a child process; yields its base URL (a `ServerURL`:
+    also `.pid`, `.log_path`) once `/health` answers, stops it on exit. The log goes to `log_path` if given
+    (kept), else to a temporary file (deleted); `fd_limit` caps the child's open files (Unix), as on a small
+    machine."""
     import httpx
     port = port or free_port(host)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     keep = log_path is not None
-    log = open(log_path, "w+") if keep else tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="ptm-serve-", delete=False)
-    cmd = [sys.executable, "-m", "ptm_course.cli", "serve", "--models", str(folder), "--host", host, "--port", str(port),
-           "--log-level", "warning", *map(str, args)]
+    log = (open(log_path, "w+") if keep else
+           tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="ptm-serve-", delete=False))
+    cmd = [sys.executable, "-m", "ptm_course.cli", "serve", "--models", str(folder), "--host", host, "--port",
+           str(port), "--log-level", "warning", *map(str, args)]
     def limit_files():
         import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit_files if fd_limit else None)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=limit_files if fd_limit else None)
     url = ServerURL(f"http://{host}:{port}")
     url.pid, url.log_path = proc.pid, Path(log.name)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"The server exited with code {proc.returncode} before answering:\n{Path(log.name).read_text()[-3000:]}")
+                raise RuntimeError(f"The server exited with code {proc.returncode} before "
+                                   f"answering:\n{Path(log.name).read_text()[-3000:]}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200: break
             except httpx.HTTPError: pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"The server did not answer {url}/health within {timeout:.0f} s:\n{Path(log.name).read_text()[-3000:]}")
+                raise TimeoutError(f"The server did not answer {url}/health within {timeout:.0f} "
+                                   f"s:\n{Path(log.name).read_text()[-3000:]}")
             time.sleep(0.2)
         yield url
     finally:
@@ -791,11 +931,14 @@ def server_process(folder, host: str = "127.0.0.1", port: int | None = None, tim
 
 
 # %% ../nbs/08_deployment.ipynb #f7a89165
-def load_test(url: str, requests: list[tuple[str, dict]], total: int = 500, concurrency: int = 4, time_limit: float = 60.0) -> dict:
-    "POST `total` requests (cycling through `requests`, (path, JSON payload) pairs) from `concurrency` clients, stopping at `time_limit` s; rps, percentiles, errors."
+def load_test(url: str, requests: list[tuple[str, dict]], total: int = 500, concurrency: int = 4,
+              time_limit: float = 60.0) -> dict:
+    """POST `total` requests (cycling through `requests`, (path, JSON payload) pairs) from `concurrency`
+    clients, stopping at `time_limit` s; rps, percentiles, errors."""
     import httpx
     if not requests: raise ValueError("load_test needs at least one (path, payload) request.")
-    if total < 1 or concurrency < 1: raise ValueError(f"total and concurrency must be at least 1, got {total} and {concurrency}.")
+    if total < 1 or concurrency < 1:
+        raise ValueError(f"total and concurrency must be at least 1, got {total} and {concurrency}.")
     lock, counter, results = threading.Lock(), iter(range(total)), []
     start = time.perf_counter()
     deadline = start + time_limit
@@ -817,7 +960,8 @@ def load_test(url: str, requests: list[tuple[str, dict]], total: int = 500, conc
     errors = sum(n for s, n in statuses.items() if not s.startswith("2"))
     return dict(requests=len(results), planned=total, completed_all=len(results) == total, seconds=round(seconds, 3),
                 rps=round(len(results)/seconds, 2), p50_ms=round(float(np.percentile(times, 50)), 3),
-                p99_ms=round(float(np.percentile(times, 99)), 3), errors=errors, statuses=dict(statuses), concurrency=concurrency)
+                p99_ms=round(float(np.percentile(times, 99)), 3), errors=errors, statuses=dict(statuses),
+                concurrency=concurrency)
 
 def serving_requests(n: int = 64) -> list[tuple[str, dict]]:
     "A mix of real requests for the load test: MNIST test digits (as pixels) and test-split reviews, alternating."
@@ -832,7 +976,8 @@ def serving_requests(n: int = 64) -> list[tuple[str, dict]]:
 
 # %% ../nbs/08_deployment.ipynb #75695e13
 def bench_deploy(runs: int | None = None, device=None) -> dict:
-    "Export check, batch-1 latency (eager, ONNX Runtime fp32/int8) of the CNN and MiniLM, and a load test of the server: the `ptm-course bench deploy` figures."
+    """Export check, batch-1 latency (eager, ONNX Runtime fp32/int8) of the CNN and MiniLM, and a load test of
+    the server: the `ptm-course bench deploy` figures."""
     from ptm_course.data import review_splits
     device = get_device(device)
     runs = runs or fast_or_full(20, 200)
@@ -844,27 +989,37 @@ def bench_deploy(runs: int | None = None, device=None) -> dict:
     reviews = review_splits(seed=0)["test"]
     diffs = [verify_onnx(cnn, folder/"digits_fp32.onnx", {"images": xte[:n].cpu()}) for n in (1, 64)]
     for n, length in ((1, 16), (64, 128)):
-        enc = tok([r.text for r in reviews[:n]], padding="max_length", truncation=True, max_length=length, return_tensors="pt")
-        diffs.append(verify_onnx(minilm, folder/"reviews_fp32.onnx", {k: enc[k] for k in ("input_ids", "attention_mask")}))
-    cnn_rows = measure_runners(cnn_runners(cnn, folder), {1: xte[:1].cpu().contiguous(), 64: xte[:64].cpu().contiguous()}, runs)
+        enc = tok([r.text for r in reviews[:n]], padding="max_length", truncation=True, max_length=length,
+                  return_tensors="pt")
+        diffs.append(verify_onnx(minilm, folder/"reviews_fp32.onnx",
+                                 {k: enc[k] for k in ("input_ids", "attention_mask")}))
+    cnn_rows = measure_runners(cnn_runners(cnn, folder),
+                               {1: xte[:1].cpu().contiguous(), 64: xte[:64].cpu().contiguous()}, runs)
     text_inputs = {n: review_batches([r.text for r in reviews[:n]], tok, batch_size=n)[0] for n in (1, 64)}
     text_rows = measure_runners(text_runners(minilm, folder), text_inputs, max(5, runs//2))
     with server_process(folder) as url:
-        load = load_test(url, serving_requests(), total=fast_or_full(100, 1000), concurrency=4, time_limit=fast_or_full(60, 300))
-    def p(rows, runner, key="p50_ms", batch=1): return round(next(r for r in rows if r["runner"] == runner and r["batch"] == batch)[key], 4)
+        load = load_test(url, serving_requests(), total=fast_or_full(100, 1000), concurrency=4,
+                         time_limit=fast_or_full(60, 300))
+    def p(rows, runner, key="p50_ms", batch=1):
+        return round(next(r for r in rows if r["runner"] == runner and r["batch"] == batch)[key], 4)
     hw = hardware_info(device)
     return dict(benchmark="deploy", fast_mode=is_fast(), device=str(device), runs=runs, threads=torch.get_num_threads(),
                 onnx_max_abs_diff=float(f"{max(diffs):.3e}"),
-                cnn_eager_p50_ms=p(cnn_rows, "PyTorch eager fp32"), cnn_eager_p99_ms=p(cnn_rows, "PyTorch eager fp32", "p99_ms"),
+                cnn_eager_p50_ms=p(cnn_rows, "PyTorch eager fp32"),
+                cnn_eager_p99_ms=p(cnn_rows, "PyTorch eager fp32", "p99_ms"),
                 cnn_ort_p50_ms=p(cnn_rows, "ONNX Runtime fp32"), cnn_ort_int8_p50_ms=p(cnn_rows, "ONNX Runtime int8"),
                 cnn_ort_p99_ms=p(cnn_rows, "ONNX Runtime fp32", "p99_ms"),
-                minilm_eager_p50_ms=p(text_rows, "PyTorch eager fp32"), minilm_eager_p99_ms=p(text_rows, "PyTorch eager fp32", "p99_ms"),
-                minilm_ort_fp32_p50_ms=p(text_rows, "ONNX Runtime fp32"), minilm_ort_int8_p50_ms=p(text_rows, "ONNX Runtime int8"),
+                minilm_eager_p50_ms=p(text_rows, "PyTorch eager fp32"),
+                minilm_eager_p99_ms=p(text_rows, "PyTorch eager fp32", "p99_ms"),
+                minilm_ort_fp32_p50_ms=p(text_rows, "ONNX Runtime fp32"),
+                minilm_ort_int8_p50_ms=p(text_rows, "ONNX Runtime int8"),
                 minilm_ort_int8_p99_ms=p(text_rows, "ONNX Runtime int8", "p99_ms"),
                 minilm_int8_speedup_b1=round(p(text_rows, "PyTorch eager fp32")/p(text_rows, "ONNX Runtime int8"), 2),
-                cnn_int8_size_mb=manifest["models"]["digits_int8"]["size_mb"], minilm_int8_size_mb=manifest["models"]["reviews_int8"]["size_mb"],
-                cnn_int8_acc=manifest["models"]["digits_int8"]["test_accuracy"], minilm_int8_acc=manifest["models"]["reviews_int8"]["test_accuracy"],
-                serve_rps=load["rps"], serve_p50_ms=load["p50_ms"], serve_p99_ms=load["p99_ms"], serve_errors=load["errors"],
+                cnn_int8_size_mb=manifest["models"]["digits_int8"]["size_mb"],
+                minilm_int8_size_mb=manifest["models"]["reviews_int8"]["size_mb"],
+                cnn_int8_acc=manifest["models"]["digits_int8"]["test_accuracy"],
+                minilm_int8_acc=manifest["models"]["reviews_int8"]["test_accuracy"], serve_rps=load["rps"],
+                serve_p50_ms=load["p50_ms"], serve_p99_ms=load["p99_ms"], serve_errors=load["errors"],
                 serve_requests=load["requests"], serve_planned=load["planned"], serve_concurrency=load["concurrency"],
                 serve_statuses=load["statuses"], latency_rows=cnn_rows + [dict(r, model="MiniLM") for r in text_rows],
                 seconds=round(time.perf_counter() - start, 1), hardware=hw)
@@ -873,9 +1028,12 @@ def format_deploy(res: dict) -> str:
     "The deploy benchmark as a few lines of text."
     return "\n".join([
         f"ONNX Runtime vs PyTorch (fp32): max |difference| {res['onnx_max_abs_diff']:.1e}",
-        f"CNN, batch 1 p50: eager {res['cnn_eager_p50_ms']:.3f} ms, ONNX Runtime fp32 {res['cnn_ort_p50_ms']:.3f} ms, int8 {res['cnn_ort_int8_p50_ms']:.3f} ms",
-        f"MiniLM, batch 1 p50: eager {res['minilm_eager_p50_ms']:.2f} ms, ONNX Runtime fp32 {res['minilm_ort_fp32_p50_ms']:.2f} ms, "
-        f"int8 {res['minilm_ort_int8_p50_ms']:.2f} ms ({res['minilm_int8_speedup_b1']:.1f}x faster than eager)",
-        f"server: {res['serve_requests']} of {res['serve_planned']} requests, {res['serve_rps']:.1f} requests/s, p99 {res['serve_p99_ms']:.1f} ms, "
-        f"errors {res['serve_errors']} ({res['serve_concurrency']} clients on loopback)",
-        f"{res['device']}; {res['threads']} threads; latency: median of {res['runs']} runs after warm-up; {res['seconds']:.0f} s"])
+        f"CNN, batch 1 p50: eager {res['cnn_eager_p50_ms']:.3f} ms, ONNX Runtime fp32 {res['cnn_ort_p50_ms']:.3f} ms, "
+        f"int8 {res['cnn_ort_int8_p50_ms']:.3f} ms",
+        f"MiniLM, batch 1 p50: eager {res['minilm_eager_p50_ms']:.2f} ms, ONNX Runtime fp32 "
+        f"{res['minilm_ort_fp32_p50_ms']:.2f} ms, int8 {res['minilm_ort_int8_p50_ms']:.2f} ms "
+        f"({res['minilm_int8_speedup_b1']:.1f}x faster than eager)",
+        f"server: {res['serve_requests']} of {res['serve_planned']} requests, {res['serve_rps']:.1f} requests/s, p99 "
+        f"{res['serve_p99_ms']:.1f} ms, errors {res['serve_errors']} ({res['serve_concurrency']} clients on loopback)",
+        f"{res['device']}; {res['threads']} threads; latency: median of {res['runs']} runs after warm-up; "
+        f"{res['seconds']:.0f} s"])

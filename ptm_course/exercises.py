@@ -75,7 +75,8 @@ class CheckResult:
     def _repr_html_(self) -> str:
         hint = f"<br><i>Hint:</i> {html.escape(self.hint)}" if self.hint else ""
         return (f'<div style="border-left:4px solid {_COLOR.get(self.status, "#cf222e")};padding:2px 8px">'
-                f'{_ICON.get(self.status, "")} <b>{html.escape(self.exercise)}</b>: {html.escape(self.message)}{hint}</div>')
+                f'{_ICON.get(self.status, "")} <b>{html.escape(self.exercise)}</b>: '
+                f'{html.escape(self.message)}{hint}</div>')
 
     def mimebundle(self) -> dict:
         "Plain text, HTML and the grader's JSON, as one display output."
@@ -120,7 +121,8 @@ def _where(fn: Callable, exc: BaseException) -> str:
     return f" (line {frames[-1].lineno} of the cell defining `{fn.__name__}`)" if frames else ""
 
 _EXCEPTION_HINTS = [  # (exception name, words in the message, hint): the first match wins
-    ("RuntimeError", ("shapes cannot be multiplied", "size of tensor", "tensor size", "must match the size", "mat1", "shape"),
+    ("RuntimeError",
+     ("shapes cannot be multiplied", "size of tensor", "tensor size", "must match the size", "mat1", "shape"),
      "a shape mismatch: print the shapes of the tensors you combine; a missing or extra transpose (.T) "
      "or the wrong order of a matrix product is the usual cause"),
     ("RuntimeError", ("expected scalar type", "dtype", "Double", "Float"),
@@ -128,7 +130,8 @@ _EXCEPTION_HINTS = [  # (exception name, words in the message, hint): the first 
     ("NameError", (), "a name is not defined: run the cells above (the import cell too) and check the spelling"),
     ("TypeError", ("positional argument", "keyword argument", "takes"),
      "keep the function's signature exactly as given in the exercise"),
-    ("ZeroDivisionError", (), "a division by zero: check the edge cases the exercise mentions (first step, zero warmup, ...)"),
+    ("ZeroDivisionError", (), "a division by zero: check the edge cases the exercise mentions (first step, zero "
+                              "warmup, ...)"),
 ]
 
 def _hint_for_exception(exc: BaseException) -> str:
@@ -164,7 +167,8 @@ def checker(check: Callable) -> Callable:
             result = CheckResult(exercise, PASSED, message or "correct on every test case")
         except NotAttempted as e:
             result = CheckResult(exercise, NOT_ATTEMPTED, str(e),
-                                 "replace the `raise NotImplementedError(...)` line with your code, run that cell, then this one")
+                                 "replace the `raise NotImplementedError(...)` line with your code, run that cell, "
+                                 "then this one")
         except Fail as e:
             result = CheckResult(exercise, FAILED, e.message, e.hint)
         except Exception as e:  # something the checker did not foresee in what the function returned
@@ -180,7 +184,8 @@ def checker(check: Callable) -> Callable:
 def _shape_hint(got: tuple, want: tuple) -> str:
     if [s for s in got if s != 1] == [s for s in want if s != 1]:
         return "same numbers, extra or missing dimensions of size 1: return the shape asked for (.squeeze() / .reshape)"
-    if got == want[::-1]: return "the shape is transposed: check the order of your matrix product and where a .T belongs"
+    if got == want[::-1]:
+        return "the shape is transposed: check the order of your matrix product and where a .T belongs"
     return "print the shapes of the tensors you combine and follow them through your code"
 
 def expect_tensor(value, shape, name: str = "your result", finite: bool = True) -> torch.Tensor:
@@ -206,7 +211,8 @@ def expect_number(value, name: str = "your result") -> float:
     import torch
     if isinstance(value, torch.Tensor):
         if value.ndim != 0:
-            raise Fail(f"{name} is a tensor of shape {tuple(value.shape)}, expected a number", "return a Python float: .item()")
+            raise Fail(f"{name} is a tensor of shape {tuple(value.shape)}, expected a number",
+                       "return a Python float: .item()")
         value = value.item()
     if isinstance(value, bool) or not hasattr(value, "__float__") or isinstance(value, (str, bytes)):
         raise Fail(f"{name} is a {type(value).__name__}, expected a number",
@@ -295,7 +301,8 @@ def make_student_notebook(solution):
             try: cell.source = strip_solutions(src, markdown=cell.cell_type == "markdown")
             except ValueError as e: raise ValueError(f"cell {i}: {e}") from None
         if cell.cell_type == "code": cell.outputs, cell.execution_count = [], None
-        cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("nbdev", "hide_input", "nbgrader")}  # as nbdev-clean leaves it
+        # as nbdev-clean leaves it
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("nbdev", "hide_input", "nbgrader")}
     nb.metadata = nbformat.from_dict({k: v for k, v in nb.metadata.items()
                                       if k in ("kernelspec", "jekyll", "jupytext", "doc", "widgets", "nbdev")})
     if nb.metadata.get("kernelspec", {}).get("name"): nb.metadata.kernelspec.display_name = nb.metadata.kernelspec.name
@@ -303,7 +310,8 @@ def make_student_notebook(solution):
 
 # %% ../nbs/90_exercises.ipynb #3140710d
 def find_course_root(start: str | Path | None = None) -> Path:
-    "The folder that holds `exercises/solutions/`: searched upward from `start` (default: cwd), then beside the package."
+    """The folder that holds `exercises/solutions/`: searched upward from `start` (default: cwd), then beside
+    the package."""
     here = Path(start or Path.cwd()).resolve()
     import ptm_course
     for d in [here, *here.parents, Path(ptm_course.__file__).resolve().parent.parent]:
@@ -327,7 +335,8 @@ def student_notebooks(root: str | Path | None = None) -> dict[Path, str]:
     out = {}
     for sol in sorted((root/"exercises"/"solutions").glob("*.ipynb")):
         try: nb = nbformat.read(sol, as_version=4)
-        except Exception as e: raise ValueError(f"{sol}: not a readable notebook ({type(e).__name__}: {_short(e)})") from None
+        except Exception as e:
+            raise ValueError(f"{sol}: not a readable notebook ({type(e).__name__}: {_short(e)})") from None
         try: out[root/"exercises"/sol.name] = notebook_text(make_student_notebook(nb))
         except ValueError as e: raise ValueError(f"{sol}: {e}") from None
     return out
@@ -342,7 +351,8 @@ def _relative(p: Path) -> str:
     except ValueError: return str(p)
 
 def generate_cli(check: bool = False) -> int:
-    "Write every exercises/solutions/*.ipynb to exercises/*.ipynb; with `check`, write nothing and return 1 if any is stale."
+    """Write every exercises/solutions/*.ipynb to exercises/*.ipynb; with `check`, write nothing and return 1
+    if any is stale."""
     try: wanted = student_notebooks()
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr); return 1 if isinstance(e, ValueError) else 2
@@ -367,7 +377,8 @@ class ExerciseGrade:
     hint: str = ""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "passed": self.passed, "status": self.status, "message": self.message, "hint": self.hint}
+        return {"name": self.name, "passed": self.passed, "status": self.status, "message": self.message,
+                "hint": self.hint}
 
 @dataclass
 class NotebookGrade:
@@ -392,7 +403,8 @@ class NotebookGrade:
 
 # %% ../nbs/90_exercises.ipynb #f2be298a
 def _read_notebook(path: Path, data: bytes | None = None):
-    "(notebook, problems) for `path` (or its contents `data`); raises ValueError with a readable message if it is not a notebook."
+    """(notebook, problems) for `path` (or its contents `data`); raises ValueError with a readable message if
+    it is not a notebook."""
     import nbformat
     try: text = (Path(path).read_bytes() if data is None else data).decode("utf-8")
     except UnicodeDecodeError: raise ValueError("not a notebook: the file is not UTF-8 text") from None
@@ -405,12 +417,14 @@ def _read_notebook(path: Path, data: bytes | None = None):
         nb = nbformat.reads(text, as_version=4)
         nbformat.validate(nb)
     except Exception as e:
-        problems.append(f"the notebook does not follow the nbformat schema ({type(e).__name__}: {_short(e, 150)}); graded what could be read")
+        problems.append(f"the notebook does not follow the nbformat schema ({type(e).__name__}: {_short(e, 150)}); "
+                        f"graded what could be read")
         nb = nbformat.from_dict({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
         for c in raw["cells"]:
             if isinstance(c, dict) and c.get("cell_type") in ("code", "markdown", "raw"):
                 nb.cells.append(nbformat.from_dict({"cell_type": c["cell_type"], "source": _source(c), "metadata": {},
-                                                    **({"outputs": [], "execution_count": None} if c["cell_type"] == "code" else {})}))
+                                                    **({"outputs": [], "execution_count": None}
+                                                       if c["cell_type"] == "code" else {})}))
     for cell in nb.cells:
         if cell.cell_type == "code": cell.outputs, cell.execution_count = [], None
     return nb, problems
@@ -449,12 +463,15 @@ def extract_answer(source: str, name: str, cell: int | None = None) -> Answer:
     for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         span = range(first, node.end_lineno + 1)
-        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): keep.update(span)
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            keep.update(span)
         elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):  # a bare string is harmless
             answer.dropped.append(f"line {node.lineno}: {_short(lines[node.lineno - 1].strip(), 60)}")
     answer.source = "\n".join(line if i in keep else "" for i, line in enumerate(lines, 1))
-    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    used |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    used = ({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)})
+    used |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in n.names}
     used |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     answer.suspicious = [s for s in _SUSPICIOUS if s in used]
     return answer
@@ -473,7 +490,8 @@ def reference_parts(ref) -> tuple[list[str], list[str], dict[str, int]]:
     return names, setup, answers
 
 def submission_answers(nb, names: list[str]) -> dict[str, Answer]:
-    "For each exercise, the answer in submission `nb`: the last code cell defining its function (before its check, if any)."
+    """For each exercise, the answer in submission `nb`: the last code cell defining its function (before its
+    check, if any)."""
     code = [(i, _source(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     out = {}
     for name in names:
@@ -501,7 +519,8 @@ def match_reference(nb, references: dict[str, Any]) -> str:
 # %% ../nbs/90_exercises.ipynb #0f6ec554
 def _files_of(root: Path) -> dict[str, bytes]:
     "{relative path: bytes} of the .py files under `root` (no caches)."
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.py"))
+            if "__pycache__" not in p.parts}
 
 def _make_writable(root: Path) -> None:
     "Give the owner back write access to every folder under `root` (so that it can be removed)."
@@ -558,18 +577,21 @@ class Snapshot:
         try: now = self._tree()
         except OSError as e: now = {"?": str(e)}
         if now != self.tree:
-            changed += [f"copy: {rel}" for rel in sorted(set(now) ^ set(self.tree) | {r for r in now if r in self.tree and now[r] != self.tree[r]})]
+            differ = {r for r in now if r in self.tree and now[r] != self.tree[r]}
+            changed += [f"copy: {rel}" for rel in sorted(set(now) ^ set(self.tree) | differ)]
         for rel, digest in self.digests.items():
             p = self.package/rel
             try: ok = hashlib.sha256(p.read_bytes()).hexdigest() == digest
             except OSError: ok = False
             if not ok: changed.append(f"installed: {rel}")
-        installed_now = {str(p.relative_to(self.package)) for p in self.package.rglob("*.py") if "__pycache__" not in p.parts}
+        installed_now = {str(p.relative_to(self.package)) for p in self.package.rglob("*.py")
+                         if "__pycache__" not in p.parts}
         changed += [f"installed: {rel} (added)" for rel in sorted(installed_now - set(self.files))]
         return sorted(changed, key=lambda c: not c.startswith("installed"))  # the installed package first
 
     def restore(self, changed: list[str]) -> None:
-        "Put back what `check()` found changed: the copy is rebuilt, the installed files rewritten (added ones removed)."
+        """Put back what `check()` found changed: the copy is rebuilt, the installed files rewritten (added
+        ones removed)."""
         if any(c.startswith("copy: ") for c in changed): self._build()
         for c in changed:
             if not c.startswith("installed: "): continue
@@ -600,7 +622,8 @@ def _runner_main() -> None:
         for i, src in enumerate(job["setup"]): exec(compile(src, f"<setup cell {i + 1}>", "exec"), ns)
         import ptm_course
         checks = {n: ns.get(f"check_{n}") for n in job["names"]}
-        seeds = {n: job["seed"] if c is not None and "seed" in inspect.signature(c).parameters else None for n, c in checks.items()}
+        seeds = {n: job["seed"] if c is not None and "seed" in inspect.signature(c).parameters else None
+                 for n, c in checks.items()}
     except BaseException as e:
         send(event="fatal", error=f"the reference's setup cells failed: {type(e).__name__}: {_short(e)}"); os._exit(3)
     send(event="ready", package=str(Path(ptm_course.__file__).resolve()))
@@ -649,7 +672,8 @@ class _Runner:
         self.token = secrets.token_hex(16)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k not in ("PWD", "OLDPWD")}
         env.update(PTM_GRADE_RUN=marker, PYTHONDONTWRITEBYTECODE="1", TMPDIR=str(workdir/"tmp"), MPLBACKEND="Agg")
-        code = "import sys; sys.path.insert(0, sys.argv[1]); from ptm_course.exercises import _runner_main; _runner_main()"
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from ptm_course.exercises import _runner_main; _runner_main()")
         self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", code, str(snapshot.root)], cwd=workdir, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -689,71 +713,109 @@ class _Runner:
 # %% ../nbs/90_exercises.ipynb #f4e1b9e1
 _STARTUP = 180  # seconds for a checker process to import torch and the checks, on a busy machine
 
+@dataclass
+class _CheckRun:
+    "What `run_checks` knows across its checker processes, and where the current process is."
+    grades: dict[str, ExerciseGrade]
+    problems: list[str]
+    left: list[str]
+    bad: set[str]
+    current: str | None = None
+    phase: str = "start"
+    event: str | None = None
+    deadline: float = 0.0
+
+def _on_event(st: _CheckRun, msg: dict, snapshot: Snapshot, timeout: float) -> bool:
+    "Update `st` for one message of the checker process; True when the process has no more to say."
+    st.event = event = msg.get("event")
+    if event == "fatal":
+        st.problems.append(msg.get("error", "the checker process failed"))
+        st.left = []; return True
+    if event == "ready":
+        if not str(msg.get("package", "")).startswith(str(snapshot.root)):
+            st.problems.append("the checker process did not load the grader's copy of ptm_course")
+            st.left = []; return True
+        st.phase = "define"
+    elif event == "define": st.current, st.deadline = msg.get("name"), time.monotonic() + timeout
+    elif event == "defined" and msg.get("error"):
+        n = msg.get("name"); st.bad.add(n)
+        if n in st.left:
+            st.grades[n] = ExerciseGrade(n, False, "error", msg["error"],
+                                         "run your cell on its own and fix the error it shows")
+        if n in st.left: st.left.remove(n)
+        st.current = None
+    elif event == "defined": st.current = None
+    elif event == "start": st.phase, st.current, st.deadline = "check", msg.get("name"), time.monotonic() + timeout
+    elif event == "result":
+        n = msg.get("name")
+        status = msg.get("status") if msg.get("status") in (PASSED, FAILED, NOT_ATTEMPTED) else FAILED
+        if n in st.left:
+            st.grades[n] = ExerciseGrade(n, status == PASSED, status, str(msg.get("message", "")),
+                                         str(msg.get("hint", "")))
+            st.left.remove(n)
+        st.current = None
+    elif event == "done": return True
+    return False
+
+def _run_process(st: _CheckRun, setup: list[str], names: list[str], answers: dict[str, Answer], timeout: float,
+                 workdir: Path, snapshot: Snapshot, seed: int, marker: str) -> tuple[bool, int | None]:
+    "One checker process over the exercises left, until it is done, hangs or dies: (timed out, exit code)."
+    changed = snapshot.check()
+    if changed:
+        st.problems.append(f"the grader's files were changed ({', '.join(changed[:5])}); restored before going on")
+        snapshot.restore(changed)
+    job = dict(setup=setup, names=st.left, seed=seed,
+               answers=[dict(name=n, source=answers[n].source) for n in names if n not in st.bad])
+    runner = _Runner(job, workdir, snapshot, marker)
+    st.current, st.phase, st.event = None, "start", None
+    st.deadline = time.monotonic() + max(_STARTUP, timeout)
+    while True:
+        msg = runner.next(st.deadline)
+        if msg is None or _on_event(st, msg, snapshot, timeout): break
+    timed_out = time.monotonic() >= st.deadline
+    rc = runner.kill(ended=not timed_out)
+    _kill_marked(marker)
+    return timed_out, rc
+
+def _blame(st: _CheckRun, timed_out: bool, rc: int | None, timeout: float) -> bool:
+    """Grade the exercise a process hung or died on, so that a fresh one goes on with the others.
+
+    If the process never started, every exercise left is graded 'not run' and True (stop) is returned."""
+    if st.phase == "start":
+        why = "it did not start in time" if timed_out else _describe_exit(rc)
+        st.problems.append(f"the checker process could not start ({why})")
+        for n in st.left:
+            st.grades[n] = ExerciseGrade(n, False, "not run",
+                                         f"not checked: the checker process could not start ({why})")
+        return True
+    if st.current is None or st.current not in st.left:  # died between exercises: nothing to blame, so blame the next
+        st.current = st.left[0]
+    current, what = st.current, "defining" if st.phase == "define" else "checking"
+    if timed_out:
+        st.grades[current] = ExerciseGrade(current, False, "timeout",
+                                           f"{what} your function took longer than {timeout:g} s and was stopped",
+                                           "look for a loop that never ends, or work far bigger than the exercise "
+                                           "needs")
+    else:
+        st.grades[current] = ExerciseGrade(current, False, "error",
+                                           f"the process {what} your function died: {_describe_exit(rc)} (a crash, "
+                                           f"exit(), or out of memory?)",
+                                           "something in your function crashed Python, exited, or used all the memory")
+    st.problems.append(f"{current}: {st.grades[current].message}; a fresh process went on with the other exercises")
+    st.bad.add(current); st.left.remove(current)
+    return False
+
 def run_checks(setup: list[str], names: list[str], answers: dict[str, Answer], timeout: float, workdir: Path,
                snapshot: Snapshot, seed: int, marker: str) -> tuple[dict[str, ExerciseGrade], list[str]]:
-    "Check every exercise in fresh processes; ({exercise: grade}, problems). A process that dies or hangs costs one exercise."
-    grades, problems, left = {}, [], [n for n in names]
-    bad = {n for n, a in answers.items() if a.cell is None or a.error}
-    while left:
-        changed = snapshot.check()
-        if changed:
-            problems.append(f"the grader's files were changed ({', '.join(changed[:5])}); restored before going on")
-            snapshot.restore(changed)
-        job = dict(setup=setup, names=left, seed=seed,
-                   answers=[dict(name=n, source=answers[n].source) for n in names if n not in bad])
-        runner, current, phase, event = _Runner(job, workdir, snapshot, marker), None, "start", None
-        deadline = time.monotonic() + max(_STARTUP, timeout)
-        while True:
-            msg = runner.next(deadline)
-            if msg is None: break
-            event = msg.get("event")
-            if event == "fatal":
-                problems.append(msg.get("error", "the checker process failed"))
-                left = []; break
-            if event == "ready":
-                if not str(msg.get("package", "")).startswith(str(snapshot.root)):
-                    problems.append("the checker process did not load the grader's copy of ptm_course")
-                    left = []; break
-                phase = "define"
-            elif event == "define": current, deadline = msg.get("name"), time.monotonic() + timeout
-            elif event == "defined" and msg.get("error"):
-                n = msg.get("name"); bad.add(n)
-                if n in left: grades[n] = ExerciseGrade(n, False, "error", msg["error"], "run your cell on its own and fix the error it shows")
-                if n in left: left.remove(n)
-                current = None
-            elif event == "defined": current = None
-            elif event == "start": phase, current, deadline = "check", msg.get("name"), time.monotonic() + timeout
-            elif event == "result":
-                n = msg.get("name")
-                status = msg.get("status") if msg.get("status") in (PASSED, FAILED, NOT_ATTEMPTED) else FAILED
-                if n in left:
-                    grades[n] = ExerciseGrade(n, status == PASSED, status, str(msg.get("message", "")), str(msg.get("hint", "")))
-                    left.remove(n)
-                current = None
-            elif event == "done": break
-        timed_out = time.monotonic() >= deadline
-        rc = runner.kill(ended=not timed_out)
-        _kill_marked(marker)
-        if not left or event == "done": break
-        if phase == "start":
-            why = "it did not start in time" if timed_out else _describe_exit(rc)
-            problems.append(f"the checker process could not start ({why})")
-            for n in left: grades[n] = ExerciseGrade(n, False, "not run", f"not checked: the checker process could not start ({why})")
-            break
-        if current is None or current not in left:  # died between exercises: nothing to blame, so blame the next one
-            current = left[0]
-        what = "defining" if phase == "define" else "checking"
-        if timed_out:
-            grades[current] = ExerciseGrade(current, False, "timeout",
-                                            f"{what} your function took longer than {timeout:g} s and was stopped",
-                                            "look for a loop that never ends, or work far bigger than the exercise needs")
-        else:
-            grades[current] = ExerciseGrade(current, False, "error",
-                                            f"the process {what} your function died: {_describe_exit(rc)} (a crash, exit(), or out of memory?)",
-                                            "something in your function crashed Python, exited, or used all the memory")
-        problems.append(f"{current}: {grades[current].message}; a fresh process went on with the other exercises")
-        bad.add(current); left.remove(current)
-    return grades, problems
+    """Check every exercise in fresh processes; ({exercise: grade}, problems).
+
+    A process that dies or hangs costs one exercise."""
+    st = _CheckRun(grades={}, problems=[], left=[n for n in names],
+                   bad={n for n, a in answers.items() if a.cell is None or a.error})
+    while st.left:
+        timed_out, rc = _run_process(st, setup, names, answers, timeout, workdir, snapshot, seed, marker)
+        if not st.left or st.event == "done" or _blame(st, timed_out, rc, timeout): break
+    return st.grades, st.problems
 
 # %% ../nbs/90_exercises.ipynb #90faeb78
 def load_references(reference: str | Path | None = None, near: Path | None = None) -> dict[str, Any]:
@@ -771,13 +833,15 @@ def load_references(reference: str | Path | None = None, near: Path | None = Non
     refs = {}
     for p in paths:
         try: refs[p.stem] = nbformat.read(p, as_version=4)
-        except Exception as e: raise ValueError(f"--reference {p}: not a readable notebook ({type(e).__name__}: {_short(e)})") from None
+        except Exception as e:
+            raise ValueError(f"--reference {p}: not a readable notebook ({type(e).__name__}: {_short(e)})") from None
     return refs
 
 def grade_notebook(path: str | Path, timeout: float = 60, reference: str | Path | dict | None = None,
-                   data: bytes | None = None, snapshot: Snapshot | None = None, seed: int | None = None) -> NotebookGrade:
-    """Grade the submission at `path` (or its contents `data`) against its reference: the learner's functions are checked
-    in fresh processes, from a private copy, with a time limit of `timeout` seconds per exercise."""
+                   data: bytes | None = None, snapshot: Snapshot | None = None,
+                   seed: int | None = None) -> NotebookGrade:
+    """Grade the submission at `path` (or its contents `data`) against its reference: the learner's functions are
+    checked in fresh processes, from a private copy, with a time limit of `timeout` seconds per exercise."""
     t0, path = time.monotonic(), Path(path)
     grade, own_snapshot, workdir = NotebookGrade(str(path)), snapshot is None, None
     names = []
@@ -791,8 +855,11 @@ def grade_notebook(path: str | Path, timeout: float = 60, reference: str | Path 
         names, setup, _ = reference_parts(refs[grade.reference])
         answers = submission_answers(nb, names)
         for a in answers.values():
-            if a.dropped: grade.problems.append(f"cell {a.cell} ({a.name}): not run by the grader, only imports and definitions are: {'; '.join(a.dropped[:3])}")
-            if a.suspicious: grade.problems.append(f"cell {a.cell} ({a.name}): uses {', '.join(a.suspicious)}: read it by hand")
+            if a.dropped:
+                grade.problems.append(f"cell {a.cell} ({a.name}): not run by the grader, only imports and definitions "
+                                      f"are: {'; '.join(a.dropped[:3])}")
+            if a.suspicious:
+                grade.problems.append(f"cell {a.cell} ({a.name}): uses {', '.join(a.suspicious)}: read it by hand")
         workdir = Path(tempfile.mkdtemp(prefix="ptm-grade-"))
         (workdir/"tmp").mkdir()
         (workdir/"submission.ipynb").write_bytes(data)   # the private copy the checker process works beside
@@ -807,7 +874,8 @@ def grade_notebook(path: str | Path, timeout: float = 60, reference: str | Path 
                 grade.exercises.append(ExerciseGrade(n, False, NOT_ATTEMPTED, f"no code cell defines `{n}`",
                                                      f"keep the cell with `def {n}(...)` from the exercise notebook"))
             elif a.error:
-                grade.exercises.append(ExerciseGrade(n, False, "error", f"your cell (cell {a.cell}) does not run: {a.error}",
+                grade.exercises.append(ExerciseGrade(n, False, "error",
+                                                     f"your cell (cell {a.cell}) does not run: {a.error}",
                                                      "run the cell in Jupyter: the error shows where"))
             else: grade.exercises.append(checked.get(n) or ExerciseGrade(n, False, "not run", "not checked"))
     except ValueError as e:
@@ -820,13 +888,16 @@ def grade_notebook(path: str | Path, timeout: float = 60, reference: str | Path 
             _make_writable(workdir); shutil.rmtree(workdir, ignore_errors=True)
         if own_snapshot and snapshot is not None:
             changed = snapshot.check()
-            if changed: grade.problems.append(f"changed the grader's files ({', '.join(changed[:5])}): restored"); snapshot.restore(changed)
+            if changed:
+                grade.problems.append(f"changed the grader's files ({', '.join(changed[:5])}): restored")
+                snapshot.restore(changed)
             snapshot.remove()
         grade.seconds = time.monotonic() - t0
     return grade
 
 # %% ../nbs/90_exercises.ipynb #4c57ea62
-_STATUS_LABEL = {"passed": "PASS", "failed": "FAIL", "not attempted": "TODO", "timeout": "TIME", "error": "ERR ", "not run": "----"}
+_STATUS_LABEL = {"passed": "PASS", "failed": "FAIL", "not attempted": "TODO", "timeout": "TIME", "error": "ERR ",
+                 "not run": "----"}
 
 def format_grade(g: NotebookGrade) -> str:
     "A notebook's grade as a table with one row per exercise."
@@ -853,14 +924,17 @@ def format_summary(grades: list[NotebookGrade]) -> str:
 # %% ../nbs/90_exercises.ipynb #4cd3fa71
 DEFAULT_ID_PATTERN = r"(?:^|/)(?P<name>[A-Za-z][A-Za-z-]*)_(?:LATE_)?(?P<id>\d+)_[^/]*$"
 
-def student_of(notebook: str | Path, id_pattern: str | None = None, root: str | Path | None = None) -> tuple[str, str, str]:
-    "(id, name, problem) of a submission's path: `id_pattern` (groups `id` and `name`), else its path below `root` without .ipynb."
+def student_of(notebook: str | Path, id_pattern: str | None = None,
+               root: str | Path | None = None) -> tuple[str, str, str]:
+    """(id, name, problem) of a submission's path: `id_pattern` (groups `id` and `name`), else its path below
+    `root` without .ipynb."""
     text = Path(notebook).as_posix()
     try: stem = Path(notebook).relative_to(root).with_suffix("").as_posix() if root else Path(notebook).stem
     except ValueError: stem = Path(notebook).stem
     m = re.search(id_pattern or DEFAULT_ID_PATTERN, text)
     if not m:
-        return stem, "", (f"the file name does not match --id-pattern {id_pattern!r}: its name is used as the id" if id_pattern else "")
+        return stem, "", (f"the file name does not match --id-pattern {id_pattern!r}: its name is used as the id"
+                          if id_pattern else "")
     groups = m.groupdict()
     sid = groups.get("id") or (m.group(1) if m.re.groups else m.group(0))
     return sid, groups.get("name") or "", ""
@@ -876,7 +950,8 @@ def _exercise_error(e: ExerciseGrade) -> str:
     return f"{e.name}: {e.status}: {_short(e.message, 120)}" if e.status in ("error", "timeout", "not run") else ""
 
 def gradebook(grades: list[NotebookGrade], id_pattern: str | None = None) -> tuple[list[str], list[dict]]:
-    "(exercise names, one row per student): {'student', 'name', 'references', 'points', 'max_points', 'error', 'exercises': {name: grade}}."
+    """(exercise names, one row per student): {'student', 'name', 'references', 'points', 'max_points',
+    'error', 'exercises': {name: grade}}."""
     _compile_id_pattern(id_pattern)
     names = list(dict.fromkeys(e.name for g in grades for e in g.exercises))
     try: root = os.path.commonpath([os.path.dirname(os.path.abspath(g.notebook)) for g in grades]) if grades else None
@@ -892,7 +967,9 @@ def gradebook(grades: list[NotebookGrade], id_pattern: str | None = None) -> tup
                 row["errors"].append(f"{e.name} graded twice ({Path(g.notebook).name}): the better result is kept")
                 if row["exercises"][e.name].passed: continue
             row["exercises"][e.name] = e
-        row["errors"] += [x for x in [problem, g.error and f"{Path(g.notebook).name}: {g.error}", *map(_exercise_error, g.exercises)] if x]
+        row["errors"] += [x
+                          for x in [problem, g.error and f"{Path(g.notebook).name}: {g.error}",
+                                    *map(_exercise_error, g.exercises)] if x]
     out = []
     for row in rows.values():
         row["points"] = sum(e.passed for e in row["exercises"].values())
@@ -903,7 +980,8 @@ def gradebook(grades: list[NotebookGrade], id_pattern: str | None = None) -> tup
 
 def write_json(grades: list[NotebookGrade], path: str | Path) -> None:
     "The class's results as a JSON list, one object per notebook."
-    Path(path).write_text(json.dumps([g.to_dict() for g in grades], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps([g.to_dict() for g in grades], indent=2, ensure_ascii=False) + "\n",
+                          encoding="utf-8")
 
 def write_csv(grades: list[NotebookGrade], path: str | Path, id_pattern: str | None = None) -> None:
     "The gradebook as CSV: one row per student; points, max_points, error, and per exercise its points and its status."
@@ -914,11 +992,13 @@ def write_csv(grades: list[NotebookGrade], path: str | Path, id_pattern: str | N
         for r in rows:
             ex = r["exercises"]
             w.writerow([r["student"], r["name"], r["points"], r["max_points"], r["error"],
-                        *[int(ex[n].passed) if n in ex else "" for n in names], *[ex[n].status if n in ex else "" for n in names]])
+                        *[int(ex[n].passed) if n in ex else "" for n in names],
+                        *[ex[n].status if n in ex else "" for n in names]])
 
 CANVAS_HEADER = ["Student", "ID", "SIS User ID", "SIS Login ID", "Section"]
 
-def write_canvas(grades: list[NotebookGrade], path: str | Path, id_pattern: str | None = None, assignment: str | None = None) -> None:
+def write_canvas(grades: list[NotebookGrade], path: str | Path, id_pattern: str | None = None,
+                 assignment: str | None = None) -> None:
     "The gradebook as a Canvas import: Student, ID, SIS User ID, SIS Login ID, Section, then the assignment's points."
     names, rows = gradebook(grades, id_pattern)
     if not assignment:
@@ -935,15 +1015,18 @@ def _expand(paths: list[str]) -> tuple[list[Path], list[str]]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found += sorted(q for q in path.rglob("*.ipynb") if not any(part.startswith(".") for part in q.relative_to(path).parts))
+            found += sorted(q for q in path.rglob("*.ipynb")
+                            if not any(part.startswith(".") for part in q.relative_to(path).parts))
         elif path.exists(): found.append(path)
-        elif any(ch in p for ch in "*?[") and glob.glob(p): found += sorted(Path(q) for q in glob.glob(p, recursive=True))
+        elif any(ch in p for ch in "*?[") and glob.glob(p):
+            found += sorted(Path(q) for q in glob.glob(p, recursive=True))
         else: missing.append(p)
     return list(dict.fromkeys(found)), missing
 
-def grade_class(notebooks: list[Path], timeout: float = 60, reference: str | Path | None = None, seed: int | None = None,
-                progress: Callable | None = None) -> list[NotebookGrade]:
-    "Grade `notebooks` one after the other; each is read first, and any that a submission changes or deletes is put back."
+def grade_class(notebooks: list[Path], timeout: float = 60, reference: str | Path | None = None,
+                seed: int | None = None, progress: Callable | None = None) -> list[NotebookGrade]:
+    """Grade `notebooks` one after the other; each is read first, and any that a submission changes or deletes
+    is put back."""
     refs = load_references(reference, notebooks[0].parent if notebooks else None)
     contents = {}
     for p in notebooks:
@@ -953,7 +1036,8 @@ def grade_class(notebooks: list[Path], timeout: float = 60, reference: str | Pat
     try:
         for path in notebooks:
             data = contents[path]
-            if isinstance(data, OSError): g = NotebookGrade(str(path), error=f"cannot read the file: {data.strerror or data}")
+            if isinstance(data, OSError):
+                g = NotebookGrade(str(path), error=f"cannot read the file: {data.strerror or data}")
             else: g = grade_notebook(path, timeout=timeout, reference=refs, data=data, snapshot=snapshot, seed=seed)
             for other, kept in contents.items():
                 if isinstance(kept, OSError): continue
@@ -962,7 +1046,8 @@ def grade_class(notebooks: list[Path], timeout: float = 60, reference: str | Pat
                 if not same:
                     try: other.parent.mkdir(parents=True, exist_ok=True); other.write_bytes(kept); how = "put back"
                     except OSError as e: how = f"could not put it back: {e}"
-                    g.problems.append(f"{other.name} (another submission) was changed or deleted while this one ran: {how}")
+                    g.problems.append(f"{other.name} (another submission) was changed or deleted while this one ran: "
+                                      f"{how}")
             changed = snapshot.check()
             if changed:
                 g.problems.append(f"changed the grader's files ({', '.join(changed[:5])}): restored")
@@ -976,7 +1061,8 @@ def grade_class(notebooks: list[Path], timeout: float = 60, reference: str | Pat
 def grade_cli(paths: list[str], json_path: str | None = None, csv_path: str | None = None, timeout: float = 60,
               reference: str | None = None, seed: int | None = None, canvas_path: str | None = None,
               id_pattern: str | None = None, assignment: str | None = None) -> int:
-    "Grade notebooks (files or folders); print a table per notebook, optionally write JSON, a CSV gradebook, a Canvas import. 0 if grading ran."
+    """Grade notebooks (files or folders); print a table per notebook, optionally write JSON, a CSV gradebook,
+    a Canvas import. 0 if grading ran."""
     notebooks, missing = _expand(list(paths))
     for m in missing: print(f"warning: {m}: no such file or folder", file=sys.stderr)
     if not notebooks:

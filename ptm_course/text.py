@@ -28,11 +28,13 @@ __all__ = ['PRETRAIN_STEPS', 'small_bert_config', 'count_parameters', 'tokenize_
 # %% ../nbs/05_bert_pretraining.ipynb #efb09af2
 def small_bert_config(tokenizer=None, hidden_size: int = 256, num_hidden_layers: int = 4, num_attention_heads: int = 4,
                       intermediate_size: int | None = None, max_position_embeddings: int = 128, **kwargs):
-    "A small `BertConfig` for `tokenizer`'s vocabulary (default: the bundled WordPiece): 4 layers, hidden 256. Defined in chapter 5."
+    """A small `BertConfig` for `tokenizer`'s vocabulary (default: the bundled WordPiece): 4 layers, hidden
+    256. Defined in chapter 5."""
     from transformers import BertConfig
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     if hidden_size % num_attention_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads}).")
+        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads "
+                         f"({num_attention_heads}).")
     return BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                       num_attention_heads=num_attention_heads, intermediate_size=intermediate_size or 4*hidden_size,
                       max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id, **kwargs)
@@ -47,7 +49,8 @@ def tokenize_novels(tokenizer=None, novels: dict[str, str] | None = None) -> dic
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     novels = novels if novels is not None else austen_novels()
     out = {}
-    for title, text in novels.items():  # paragraph by paragraph: the tokenizer warns about (and some truncate) long inputs
+    # paragraph by paragraph: the tokenizer warns about (and some truncate) long inputs
+    for title, text in novels.items():
         paragraphs = [p.replace("\n", " ") for p in text.split("\n\n") if p.strip()]
         ids = tokenizer(paragraphs, add_special_tokens=False, verbose=False)["input_ids"]
         out[title] = torch.tensor([t for p in ids for t in p], dtype=torch.long)
@@ -79,14 +82,16 @@ def austen_mlm_data(tokenizer=None, block_size: int = 128, valid_novel: str = "P
 
 # %% ../nbs/05_bert_pretraining.ipynb #6b8a7cec
 class MaskedLMLoss(torch.nn.Module):
-    "Wraps a `BertForMaskedLM`: `forward(input_ids, labels, attention_mask)` is its masked-LM loss, the output layer run only where labels are set."
+    """Wraps a `BertForMaskedLM`: `forward(input_ids, labels, attention_mask)` is its masked-LM loss, the
+    output layer run only where labels are set."""
     def __init__(self, mlm_model):
         super().__init__()
         self.mlm = mlm_model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has shape {tuple(input_ids.shape)}: "
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has shape "
+                             f"{tuple(input_ids.shape)}: "
                              "they must match (labels -100 where nothing is predicted).")
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         chosen = labels != IGNORE_INDEX
@@ -114,14 +119,16 @@ def time_steps(step, n: int = 5, warmup: int = 2, device=None) -> float:
 
 # %% ../nbs/05_bert_pretraining.ipynb #fc91ed41
 def unigram_log_probs(train_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    "Log-probabilities of every token id under a unigram model of `train_ids`, with add-one smoothing (no token has probability 0)."
+    """Log-probabilities of every token id under a unigram model of `train_ids`, with add-one smoothing (no
+    token has probability 0)."""
     counts = torch.bincount(train_ids.flatten().cpu(), minlength=vocab_size).double() + 1
     return (counts/counts.sum()).log().float()
 
 @torch.no_grad()
 def evaluate_mlm(model, loader, tokenizer, unigram: torch.Tensor | None = None, mlm_probability: float = 0.15,
                  seed: int = 1234) -> dict[str, float]:
-    "Masked-LM loss and accuracy at the chosen positions over `loader` (the same masks every call), and the unigram model's loss there."
+    """Masked-LM loss and accuracy at the chosen positions over `loader` (the same masks every call), and the
+    unigram model's loss there."""
     wrapped = getattr(model, "module", model)
     wrapped = wrapped if isinstance(wrapped, MaskedLMLoss) else MaskedLMLoss(wrapped)
     was_training = wrapped.training
@@ -178,16 +185,18 @@ def _digests_of_all_processes(model) -> list[str]:
     return everyone
 
 def pretrain_bert(output_dir=None, *, tokenizer=None, config=None, data: dict | None = None, block_size: int = 128,
-                  batch_size: int = 32, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1, weight_decay: float = 0.01,
-                  mlm_probability: float = 0.15, evaluations: int = 8, seed: int = 0, device=None, checkpoint_dir=None,
-                  checkpoint_every: int | None = None, resume: bool = False, mixed_precision: str | None = "native",
-                  desc: str = "pretrain BERT"):
-    "Pretrain a `BertForMaskedLM` with masked-LM on Austen (one novel held out); save it with `save_pretrained` to `output_dir` if given. Returns (model, history, info). Defined in chapter 5."
+                  batch_size: int = 32, steps: int = 2000, lr: float = 1e-3, warmup: float = 0.1,
+                  weight_decay: float = 0.01, mlm_probability: float = 0.15, evaluations: int = 8, seed: int = 0,
+                  device=None, checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False,
+                  mixed_precision: str | None = "native", desc: str = "pretrain BERT"):
+    """Pretrain a `BertForMaskedLM` with masked-LM on Austen (one novel held out); save it with
+    `save_pretrained` to `output_dir` if given. Returns (model, history, info). Defined in chapter 5."""
     from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     config = config if config is not None else small_bert_config(tokenizer, max_position_embeddings=block_size)
     if config.max_position_embeddings < block_size:
-        raise ValueError(f"block_size {block_size} is longer than the model's max_position_embeddings {config.max_position_embeddings}.")
+        raise ValueError(f"block_size {block_size} is longer than the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}.")
     data = data if data is not None else austen_mlm_data(tokenizer, block_size)
     seed_everything(seed)
     mlm = BertForMaskedLM(config)
@@ -201,19 +210,24 @@ def pretrain_bert(output_dir=None, *, tokenizer=None, config=None, data: dict | 
     eval_fn = lambda m, dl: evaluate_mlm(m, dl, tokenizer, unigram, mlm_probability)
     from ptm_course.train import latest_checkpoint
     resumed = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
-    first_step = min(int(resumed.name[5:]), steps) if resumed is not None else 0  # tokens/s counts only the steps run here
+    # tokens/s counts only the steps run here
+    first_step = min(int(resumed.name[5:]), steps) if resumed is not None else 0
     start = time.perf_counter()
-    history = train(model, optimizer, loader, mlm_loss_fn(tokenizer, mlm_probability), max_steps=steps, scheduler=scheduler,
-                    grad_clip=1.0, eval_loader=valid, eval_fn=eval_fn, eval_every=max(1, steps//evaluations), device=device,
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                    mixed_precision=mixed_precision, desc=desc)
+    history = train(model, optimizer, loader, mlm_loss_fn(tokenizer, mlm_probability), max_steps=steps,
+                    scheduler=scheduler, grad_clip=1.0, eval_loader=valid, eval_fn=eval_fn,
+                    eval_every=max(1, steps//evaluations), device=device, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=checkpoint_every, resume=resume, mixed_precision=mixed_precision, desc=desc)
     seconds = time.perf_counter() - start
     n_proc = int(os.environ.get("WORLD_SIZE", "1"))
-    info = dict(steps=steps, batch_size=batch_size, processes=n_proc, block_size=block_size, tokens=steps*batch_size*block_size*n_proc,
-                seconds=seconds, tokens_per_s=(steps - first_step)*batch_size*block_size*n_proc/seconds, parameters=count_parameters(mlm),
-                device=str(next(mlm.parameters()).device), precision=resolve_mixed_precision(mixed_precision, process_device(device)), lr=lr, seed=seed, **{k: history.last(k) for k in
+    info = dict(steps=steps, batch_size=batch_size, processes=n_proc, block_size=block_size,
+                tokens=steps*batch_size*block_size*n_proc, seconds=seconds,
+                tokens_per_s=(steps - first_step)*batch_size*block_size*n_proc/seconds,
+                parameters=count_parameters(mlm), device=str(next(mlm.parameters()).device),
+                precision=resolve_mixed_precision(mixed_precision, process_device(device)), lr=lr, seed=seed,
+                **{k: history.last(k) for k in
                 ("mlm_val_loss", "masked_accuracy", "unigram_val_loss")})
-    if resumed is not None: info["resumed_from_step"] = first_step  # `seconds` and `tokens_per_s` cover steps first_step+1..steps
+    # `seconds` and `tokens_per_s` cover steps first_step+1..steps
+    if resumed is not None: info["resumed_from_step"] = first_step
     info["parameter_digests"] = _digests_of_all_processes(mlm)  # one per process: equal if they stayed in sync
     if output_dir is not None and is_main_process():
         out = Path(output_dir)
@@ -222,10 +236,13 @@ def pretrain_bert(output_dir=None, *, tokenizer=None, config=None, data: dict | 
         (out/"pretraining.json").write_text(json.dumps(dict(info, history=history.rows), indent=1) + "\n")
     return mlm, history, info
 
-PRETRAIN_STEPS = 1500  # the full-mode length of chapter 5's run: about 15 minutes on 2 CPU cores with bf16, twice that without
+# the full-mode length of chapter 5's run: about 15 minutes on 2 CPU cores with bf16, twice that without
+PRETRAIN_STEPS = 1500
 
-def small_bert_dir(steps: int | None = None, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, device=None) -> Path:
-    "The folder of chapter 5's small BERT pretrained with these settings: from the course cache if there, else pretrained now and saved."
+def small_bert_dir(steps: int | None = None, seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
+                   device=None) -> Path:
+    """The folder of chapter 5's small BERT pretrained with these settings: from the course cache if there,
+    else pretrained now and saved."""
     steps = steps if steps is not None else fast_or_full(30, PRETRAIN_STEPS)
     fast = is_fast()
     path = cache_dir("text")/f"small_bert_{'fast' if fast else 'full'}_steps{steps}_b{batch_size}_lr{lr:g}_seed{seed}"
@@ -236,9 +253,11 @@ def small_bert_dir(steps: int | None = None, seed: int = 0, batch_size: int = 32
 
 # %% ../nbs/05_bert_pretraining.ipynb #5c88c81f
 def fill_mask(model_or_path, text: str, tokenizer=None, k: int = 5, device=None) -> list[tuple[str, float]]:
-    "The `k` most likely tokens at the `[MASK]` in `text` with their probabilities, from `transformers`' fill-mask pipeline."
+    """The `k` most likely tokens at the `[MASK]` in `text` with their probabilities, from `transformers`'
+    fill-mask pipeline."""
     from transformers import BertForMaskedLM, pipeline
-    if "[MASK]" not in text: raise ValueError(f"The text must contain [MASK] where a token is to be predicted: {text!r}")
+    if "[MASK]" not in text:
+        raise ValueError(f"The text must contain [MASK] where a token is to be predicted: {text!r}")
     if isinstance(model_or_path, (str, os.PathLike)):
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_or_path)
         model_or_path = BertForMaskedLM.from_pretrained(model_or_path, local_files_only=True)
@@ -249,31 +268,40 @@ def fill_mask(model_or_path, text: str, tokenizer=None, k: int = 5, device=None)
 
 # %% ../nbs/05_bert_pretraining.ipynb #0e3ef832
 def pretrain_bert_cli(argv: list[str] | None = None) -> int:
-    "`ptm-course pretrain-bert`: masked-LM pretraining on Austen from a terminal (also under torchrun / accelerate launch)."
-    p = argparse.ArgumentParser(prog="ptm-course pretrain-bert", description="Pretrain a small BERT with masked-LM on Jane Austen "
+    """`ptm-course pretrain-bert`: masked-LM pretraining on Austen from a terminal (also under torchrun /
+    accelerate launch)."""
+    p = argparse.ArgumentParser(prog="ptm-course pretrain-bert",
+                                description="Pretrain a small BERT with masked-LM on Jane Austen "
                                 "(Persuasion held out) and save it with save_pretrained.")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the model, tokenizer and pretraining.json")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for the model, tokenizer and pretraining.json")
     p.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help=f"optimizer steps (default {PRETRAIN_STEPS})")
     p.add_argument("--batch-size", type=int, default=32, help="blocks per step and process (default 32)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block (default 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--hidden-size", type=int, default=256); p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH", help="any Hugging Face tokenizer (default: the bundled WordPiece)")
+    p.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                   help="any Hugging Face tokenizer (default: the bundled WordPiece)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available; under a launcher, this process's GPU)")
-    p.add_argument("--limit-blocks", type=int, default=None, help="train on a random slice of this many blocks (a quick try)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available; under a launcher, this "
+                                                  "process's GPU)")
+    p.add_argument("--limit-blocks", type=int, default=None,
+                   help="train on a random slice of this many blocks (a quick try)")
     p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here; with --resume, continue the latest")
     p.add_argument("--checkpoint-every", type=int, default=None); p.add_argument("--resume", action="store_true")
     p.add_argument("--mixed-precision", default="native", choices=("native", "auto", "bf16", "fp16", "no"),
-                   help="native (default): bf16 where the hardware computes in it (recent GPUs, CPUs with AVX512-BF16/AMX), else float32")
+                   help="native (default): bf16 where the hardware computes in it (recent GPUs, CPUs with "
+                        "AVX512-BF16/AMX), else float32")
     args = p.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
-    config = small_bert_config(tokenizer, args.hidden_size, args.layers, args.heads, max_position_embeddings=args.block_size)
+    config = small_bert_config(tokenizer, args.hidden_size, args.layers, args.heads,
+                               max_position_embeddings=args.block_size)
     data = austen_mlm_data(tokenizer, args.block_size, limit_blocks=args.limit_blocks)
     _, _, info = pretrain_bert(args.output, tokenizer=tokenizer, config=config, data=data, block_size=args.block_size,
-                               batch_size=args.batch_size, steps=args.steps, lr=args.lr, seed=args.seed, device=args.device,
-                               checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                               batch_size=args.batch_size, steps=args.steps, lr=args.lr, seed=args.seed,
+                               device=args.device, checkpoint_dir=args.checkpoint_dir,
+                               checkpoint_every=args.checkpoint_every, resume=args.resume,
                                mixed_precision=args.mixed_precision)
     if is_main_process():
         print(f"saved to {args.output}")
@@ -282,8 +310,10 @@ def pretrain_bert_cli(argv: list[str] | None = None) -> int:
 
 # %% ../nbs/05_bert_pretraining.ipynb #5a4f4701
 def training_flops_per_token(config, block_size: int, head_fraction: float = 1.0) -> float:
-    "Training FLOPs per token of a BERT, 3 × forward (Kaplan et al., 2020): 6 × (body + `head_fraction` × output layer) + 12 × layers × block × hidden (attention)."
+    """Training FLOPs per token of a BERT, 3 × forward (Kaplan et al., 2020): 6 × (body + `head_fraction` ×
+    output layer) + 12 × layers × block × hidden (attention)."""
     h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
     body = layers*(4*h*h + 2*h*config.intermediate_size)  # attention projections + feed-forward, per layer
     head = h*h + v*h  # BERT's prediction transform and the (tied) output layer
-    return 6*(body + head_fraction*head) + 12*layers*block_size*h  # scores QK^T and their use on V: 2 x 2 x block x h forward
+    # scores QK^T and their use on V: 2 x 2 x block x h forward
+    return 6*(body + head_fraction*head) + 12*layers*block_size*h

@@ -15,7 +15,8 @@ import torch
 from .compress import accuracy_of
 from .core import get_device, hardware_info, seed_everything
 from .data import mnist_tensors
-from .deploy import cnn_runners, export_digit_models, format_latency, measure_runners, plot_latency, verify_onnx, write_manifest
+from .deploy import (cnn_runners, export_digit_models, format_latency, measure_runners,
+    plot_latency, verify_onnx, write_manifest)
 from .vision import balanced_subset, count_parameters, finetune, pretrain_autoencoder, transfer_encoder
 
 # %% auto #0
@@ -23,10 +24,14 @@ __all__ = ['TOUR_SETTINGS', 'tour', 'tour_report']
 
 # %% ../nbs/09_tour.ipynb #0c353bdc
 TOUR_SETTINGS = {
-    "full": dict(train=None, test=None, pretrain_epochs=3, labels=1000, finetune=dict(probe_steps=100, min_steps=300, min_epochs=2, evaluations=4),
-                 deploy_finetune=dict(probe_steps=100, min_steps=100, min_epochs=2, evaluations=2), runs=100, batches=(1, 8, 64, 256)),
-    "fast": dict(train=2000, test=500, pretrain_epochs=1, labels=200, finetune=dict(probe_steps=10, min_steps=20, min_epochs=1, evaluations=2),
-                 deploy_finetune=dict(probe_steps=10, min_steps=20, min_epochs=1, evaluations=1), runs=10, batches=(1, 64)),
+    "full": dict(train=None, test=None, pretrain_epochs=3, labels=1000,
+                 finetune=dict(probe_steps=100, min_steps=300, min_epochs=2, evaluations=4),
+                 deploy_finetune=dict(probe_steps=100, min_steps=100, min_epochs=2, evaluations=2), runs=100,
+                 batches=(1, 8, 64, 256)),
+    "fast": dict(train=2000, test=500, pretrain_epochs=1, labels=200,
+                 finetune=dict(probe_steps=10, min_steps=20, min_epochs=1, evaluations=2),
+                 deploy_finetune=dict(probe_steps=10, min_steps=20, min_epochs=1, evaluations=1), runs=10,
+                 batches=(1, 64)),
 }
 
 # %% ../nbs/09_tour.ipynb #b738db26
@@ -43,7 +48,9 @@ def _plot_finetuning(histories: dict, labels: int, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, h in histories.items(): ax.plot(*h.series("accuracy"), marker="o", label=name)
-    ax.set(xlabel="step", ylabel="test accuracy (%)", title=f"2. Fine-tuning with {labels:,} labels"); ax.legend(fontsize=8); ax.grid(alpha=0.3)
+    ax.set(xlabel="step", ylabel="test accuracy (%)", title=f"2. Fine-tuning with {labels:,} labels")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 def _plot_latency(rows, path):
@@ -55,26 +62,8 @@ def _plot_latency(rows, path):
 def _say(step: str, t0: float): print(f"[{time.perf_counter() - t0:6.1f} s] {step}", flush=True)
 
 # %% ../nbs/09_tour.ipynb #e9b4831c
-def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
-    "Run the course end to end on MNIST (pretrain, fine-tune, compress, export, benchmark) and write `report.md`, plots, `results.json` and `models/` to `out` (default ./ptm-course-tour); returns the report's path."
-    cfg = TOUR_SETTINGS["fast" if fast else "full"]
-    out = Path(out if out is not None else "ptm-course-tour").expanduser().resolve()
-    models_dir = out/"models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    device = get_device(device)
-    t0 = time.perf_counter()
-    print(f"ptm-course tour ({'fast: a smoke test on a slice' if fast else 'full'}) on {device}, writing to {out}", flush=True)
-    xtr, ytr = mnist_tensors(train=True, device=device, limit=cfg["train"])
-    xte, yte = mnist_tensors(train=False, device=device, limit=cfg["test"])
-    res = dict(fast_mode=fast, device=str(device), train_images=len(xtr), test_images=len(xte), seed=seed)
-
-    _say(f"1/5 pretraining a denoising autoencoder on {len(xtr):,} unlabelled images ({cfg['pretrain_epochs']} epochs)", t0)
-    start = time.perf_counter()
-    ae, pre = pretrain_autoencoder(xtr, epochs=cfg["pretrain_epochs"], seed=seed, device=device, eval_images=xte[:1000], desc="pretrain")
-    res.update(pretrain_s=round(time.perf_counter() - start, 1), pretrain_loss_first=round(pre.rows[0]["loss"], 4),
-               pretrain_loss_last=round(pre.last("loss"), 4), pretrain_val_loss=round(pre.last("clean_val_loss"), 4))
-    _plot_pretraining(pre, out/"pretraining.png")
-
+def _finetune_step(ae, xtr, ytr, xte, yte, cfg: dict, res: dict, out: Path, seed: int, device, t0: float):
+    "Step 2 of the tour: few labels, pretrained vs from scratch, then all labels; returns the model to deploy."
     n = min(cfg["labels"], len(ytr))
     _say(f"2/5 fine-tuning with {n:,} labels: pretrained encoder vs the same network from scratch", t0)
     idx = balanced_subset(ytr, n, seed)
@@ -91,20 +80,56 @@ def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
     start = time.perf_counter()
     seed_everything(seed)
     model = transfer_encoder(ae)
-    full = finetune(model, xtr, ytr, xte, yte, seed=seed, device=device, desc="pretrained, all labels", **cfg["deploy_finetune"])
-    res.update(finetune_s=round(time.perf_counter() - start, 1), deployed_acc=round(full.last("accuracy"), 2), parameters=count_parameters(model))
+    full = finetune(model, xtr, ytr, xte, yte, seed=seed, device=device, desc="pretrained, all labels",
+                    **cfg["deploy_finetune"])
+    res.update(finetune_s=round(time.perf_counter() - start, 1), deployed_acc=round(full.last("accuracy"), 2),
+               parameters=count_parameters(model))
+    return model
 
+def _export_step(model, models_dir: Path, xtr, xte, yte, res: dict, fast: bool, t0: float):
+    "Step 3 of the tour: ONNX fp32 and int8 files and their manifest, checked against PyTorch; returns the model."
     _say("3/5 compressing and exporting: ONNX fp32 and static int8, checked against PyTorch", t0)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     specs = export_digit_models(model, models_dir, xtr[:256], xte, yte)
     res.update({f"onnx_{s['precision']}_acc": s["test_accuracy"] for s in specs.values()})
-    res["onnx_max_abs_diff"] = float(f"{max(verify_onnx(model, models_dir/'digits_fp32.onnx', {'images': xte[:b].cpu()}) for b in (1, 64)):.3e}")
+    diff = max(verify_onnx(model, models_dir/'digits_fp32.onnx', {'images': xte[:b].cpu()}) for b in (1, 64))
+    res["onnx_max_abs_diff"] = float(f"{diff:.3e}")
     manifest = json.loads(write_manifest(models_dir, fast_mode=fast, **specs).read_text())
     res.update({f"{k}_size_mb": v["size_mb"] for k, v in manifest["models"].items()})
     with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy_of(model(xte.cpu()), yte.cpu()), 2)
+    return model
+
+def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
+    """Run the course end to end on MNIST (pretrain, fine-tune, compress, export, benchmark) and write
+    `report.md`, plots, `results.json` and `models/` to `out` (default ./ptm-course-tour); returns the
+    report's path."""
+    cfg = TOUR_SETTINGS["fast" if fast else "full"]
+    out = Path(out if out is not None else "ptm-course-tour").expanduser().resolve()
+    models_dir = out/"models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    device = get_device(device)
+    t0 = time.perf_counter()
+    print(f"ptm-course tour ({'fast: a smoke test on a slice' if fast else 'full'}) on {device}, writing to {out}",
+          flush=True)
+    xtr, ytr = mnist_tensors(train=True, device=device, limit=cfg["train"])
+    xte, yte = mnist_tensors(train=False, device=device, limit=cfg["test"])
+    res = dict(fast_mode=fast, device=str(device), train_images=len(xtr), test_images=len(xte), seed=seed)
+
+    _say(f"1/5 pretraining a denoising autoencoder on {len(xtr):,} unlabelled images ({cfg['pretrain_epochs']} epochs)",
+         t0)
+    start = time.perf_counter()
+    ae, pre = pretrain_autoencoder(xtr, epochs=cfg["pretrain_epochs"], seed=seed, device=device, eval_images=xte[:1000],
+                                   desc="pretrain")
+    res.update(pretrain_s=round(time.perf_counter() - start, 1), pretrain_loss_first=round(pre.rows[0]["loss"], 4),
+               pretrain_loss_last=round(pre.last("loss"), 4), pretrain_val_loss=round(pre.last("clean_val_loss"), 4))
+    _plot_pretraining(pre, out/"pretraining.png")
+
+    model = _finetune_step(ae, xtr, ytr, xte, yte, cfg, res, out, seed, device, t0)
+    model = _export_step(model, models_dir, xtr, xte, yte, res, fast, t0)
 
     _say("4/5 benchmarking: latency and throughput, eager PyTorch vs ONNX Runtime", t0)
-    rows = measure_runners(cnn_runners(model, models_dir), {b: xte[:b].cpu().contiguous() for b in cfg["batches"]}, cfg["runs"])
+    rows = measure_runners(cnn_runners(model, models_dir), {b: xte[:b].cpu().contiguous() for b in cfg["batches"]},
+                           cfg["runs"])
     _plot_latency(rows, out/"latency.png")
     res.update(latency_rows=rows, runs=cfg["runs"], threads=torch.get_num_threads(), hardware=hardware_info(device))
 
@@ -113,7 +138,8 @@ def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:
     (out/"results.json").write_text(json.dumps(res, indent=1) + "\n")
     report = out/"report.md"
     report.write_text(tour_report(res))
-    print(f"done in {res['seconds']:.0f} s. Report: {report}\nServe the model: ptm-course serve --models {models_dir}", flush=True)
+    print(f"done in {res['seconds']:.0f} s. Report: {report}\nServe the model: ptm-course serve --models {models_dir}",
+          flush=True)
     return report
 
 # %% ../nbs/09_tour.ipynb #505185f7
@@ -124,37 +150,42 @@ def tour_report(res: dict) -> str:
     hw = res["hardware"]
     gain = res["few_labels_pretrained_acc"] - res["few_labels_scratch_acc"]
     big = max(r["batch"] for r in res["latency_rows"])
-    def fastest(batch): return max((r for r in res["latency_rows"] if r["batch"] == batch), key=lambda r: r["items_per_s"])
+    def fastest(batch):
+        return max((r for r in res["latency_rows"] if r["batch"] == batch), key=lambda r: r["items_per_s"])
     lines = [
         "# ptm-course tour: MNIST end to end", "",
-        *(["**Fast mode: a smoke test on a slice of the data; these figures are not results.**", ""] if res["fast_mode"] else []),
-        f"Device: {res['device']} ({hw.get('cpu', platform.processor())}, {res['threads']} threads, torch {hw.get('torch', torch.__version__)}); "
-        f"{res['train_images']:,} training and {res['test_images']:,} test images; seed {res['seed']}; {res['seconds']:.0f} s in all.", "",
+        *(["**Fast mode: a smoke test on a slice of the data; these figures are not results.**", ""]
+          if res["fast_mode"] else []),
+        f"Device: {res['device']} ({hw.get('cpu', platform.processor())}, {res['threads']} threads, torch "
+        f"{hw.get('torch', torch.__version__)}); {res['train_images']:,} training and {res['test_images']:,} test "
+        f"images; seed {res['seed']}; {res['seconds']:.0f} s in all.", "",
         "## 1. Pretraining", "",
-        f"A denoising autoencoder learned to rebuild corrupted images, with no labels, in {res['pretrain_s']:.0f} s: training loss "
-        f"{res['pretrain_loss_first']:.3f} → {res['pretrain_loss_last']:.3f}, reconstruction loss on clean test images "
-        f"{res['pretrain_val_loss']:.3f}.", "", "![pretraining](pretraining.png)", "",
+        f"A denoising autoencoder learned to rebuild corrupted images, with no labels, in {res['pretrain_s']:.0f} s: "
+        f"training loss {res['pretrain_loss_first']:.3f} → {res['pretrain_loss_last']:.3f}, reconstruction loss on "
+        f"clean test images {res['pretrain_val_loss']:.3f}.", "", "![pretraining](pretraining.png)", "",
         "## 2. Fine-tuning", "",
         "| start | labels | test accuracy |", "|---|---:|---:|",
         f"| pretrained encoder | {res['labels']:,} | {res['few_labels_pretrained_acc']:.2f} % |",
         f"| same network from scratch | {res['labels']:,} | {res['few_labels_scratch_acc']:.2f} % |",
         f"| pretrained encoder (deployed) | {res['train_images']:,} | {res['deployed_acc']:.2f} % |", "",
-        f"With {res['labels']:,} labels, pretraining is worth {gain:+.2f} points (one seed; chapter 4 measures three). The deployed model ({res['parameters']:,} parameters) "
-        f"was fine-tuned on every label in {res['finetune_s']:.0f} s.", "", "![fine-tuning](finetuning.png)", "",
+        f"With {res['labels']:,} labels, pretraining is worth {gain:+.2f} points (one seed; chapter 4 measures three). "
+        f"The deployed model ({res['parameters']:,} parameters) was fine-tuned on every label in "
+        f"{res['finetune_s']:.0f} s.", "", "![fine-tuning](finetuning.png)", "",
         "## 3. Compression and export", "",
         "| form | file | size | test accuracy |", "|---|---|---:|---:|",
         f"| PyTorch fp32 | (in memory) | | {res['pytorch_fp32_acc']:.2f} % |",
         f"| ONNX fp32 | models/digits_fp32.onnx | {res['digits_fp32_size_mb']:.2f} MB | {res['onnx_fp32_acc']:.2f} % |",
-        f"| ONNX int8 (static) | models/digits_int8.onnx | {res['digits_int8_size_mb']:.2f} MB | {res['onnx_int8_acc']:.2f} % |", "",
-        f"ONNX Runtime's fp32 logits match PyTorch's within {res['onnx_max_abs_diff']:.1e} (batches of 1 and 64). int8 is "
-        f"{res['digits_fp32_size_mb']/res['digits_int8_size_mb']:.1f}x smaller and costs "
+        f"| ONNX int8 (static) | models/digits_int8.onnx | {res['digits_int8_size_mb']:.2f} MB | "
+        f"{res['onnx_int8_acc']:.2f} % |", "",
+        f"ONNX Runtime's fp32 logits match PyTorch's within {res['onnx_max_abs_diff']:.1e} (batches of 1 and 64). int8 "
+        f"is {res['digits_fp32_size_mb']/res['digits_int8_size_mb']:.1f}x smaller and costs "
         f"{res['onnx_fp32_acc'] - res['onnx_int8_acc']:+.2f} points.", "",
         "## 4. Benchmark", "",
         format_latency(res["latency_rows"]), "",
-        f"Batch 1: eager PyTorch {eager['p50_ms']:.3f} ms (p99 {eager['p99_ms']:.3f}), ONNX Runtime int8 {int8['p50_ms']:.3f} ms "
-        f"(p99 {int8['p99_ms']:.3f}): {eager['p50_ms']/int8['p50_ms']:.1f}x. Fastest at batch 1: {fastest(1)['runner']}; most "
-        f"images per second at batch {big}: {fastest(big)['runner']} ({fastest(big)['items_per_s']:,.0f}/s). p50 and p99 of "
-        f"{res['runs']} runs after warm-up.", "",
+        f"Batch 1: eager PyTorch {eager['p50_ms']:.3f} ms (p99 {eager['p99_ms']:.3f}), ONNX Runtime int8 "
+        f"{int8['p50_ms']:.3f} ms (p99 {int8['p99_ms']:.3f}): {eager['p50_ms']/int8['p50_ms']:.1f}x. Fastest at batch "
+        f"1: {fastest(1)['runner']}; most images per second at batch {big}: {fastest(big)['runner']} "
+        f"({fastest(big)['items_per_s']:,.0f}/s). p50 and p99 of {res['runs']} runs after warm-up.", "",
         "![throughput](latency.png)", "",
         "## 5. Next", "",
         "- Serve the model: `ptm-course serve --models models` (a page to draw digits at http://127.0.0.1:8000/).",

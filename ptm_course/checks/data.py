@@ -20,7 +20,8 @@ __all__ = ['check_grouped_split', 'check_wordpiece']
 _SPLITS = ("train", "validation", "test")
 
 def _corpus(seed: int, movies: int = 40) -> list[Review]:
-    "Synthetic reviews of `movies` movies with skewed numbers of reviews (1 to 60), in a shuffled order; every text is unique."
+    """Synthetic reviews of `movies` movies with skewed numbers of reviews (1 to 60), in a shuffled order;
+    every text is unique."""
     rng = random.Random(seed)
     out = []
     for m in range(movies):
@@ -31,13 +32,16 @@ def _corpus(seed: int, movies: int = 40) -> list[Review]:
 
 def _expect_splits(value) -> dict[str, list]:
     if not isinstance(value, dict):
-        raise Fail(f"your function returned a {type(value).__name__}, expected a dict with the keys train, validation, test",
+        raise Fail(f"your function returned a {type(value).__name__}, expected a dict with the keys train, validation, "
+                   f"test",
                    'return {"train": [...], "validation": [...], "test": [...]}')
     if set(value) != set(_SPLITS):
-        raise Fail(f"the dict's keys are {sorted(map(str, value))}, expected train, validation, test", "name the splits exactly so")
+        raise Fail(f"the dict's keys are {sorted(map(str, value))}, expected train, validation, test",
+                   "name the splits exactly so")
     for name in _SPLITS:
         if not isinstance(value[name], (list, tuple)) or not all(isinstance(r, Review) for r in value[name]):
-            raise Fail(f"split {name!r} is not a list of the Review objects you were given", "put the reviews themselves in the lists")
+            raise Fail(f"split {name!r} is not a list of the Review objects you were given",
+                       "put the reviews themselves in the lists")
     return {name: list(value[name]) for name in _SPLITS}
 
 # %% ../../nbs/97_checks_data.ipynb #b116d0c8
@@ -68,11 +72,13 @@ def check_grouped_split(fn, seed: int = 0):
         n, biggest = len(before), max(Counter(r.movie for r in before).values())
         for name, f in zip(_SPLITS, fractions):
             if abs(len(out[name]) - f * n) > biggest:
-                hint = ("the bounds add up: fill train until it holds fractions[0] of the reviews, validation until train and "
-                        "validation together hold fractions[0] + fractions[1], and put the rest in test"
+                hint = ("the bounds add up: fill train until it holds fractions[0] of the reviews, validation until "
+                        "train and validation together hold fractions[0] + fractions[1], and put the rest in test"
                         if name != "train" else
-                        "fill train until it holds fractions[0] of the reviews (not of the movies), a whole movie at a time")
-                raise Fail(f"case {case}: split {name!r} holds {len(out[name])} of {n} reviews, far from its fraction {f:g}", hint)
+                        "fill train until it holds fractions[0] of the reviews (not of the movies), a whole movie at a "
+                        "time")
+                raise Fail(f"case {case}: split {name!r} holds {len(out[name])} of {n} reviews, far from its fraction "
+                           f"{f:g}", hint)
         again = _expect_splits(attempt(fn, _corpus(s), fractions, s))
         if any([r.text for r in again[k]] != [r.text for r in out[k]] for k in _SPLITS):
             raise Fail(f"case {case}: the same seed gave a different split on a second call",
@@ -80,13 +86,15 @@ def check_grouped_split(fn, seed: int = 0):
     others = [_expect_splits(attempt(fn, _corpus(seed), (0.8, 0.1, 0.1), seed + k)) for k in (10, 11, 12)]
     first = _expect_splits(attempt(fn, _corpus(seed), (0.8, 0.1, 0.1), seed))
     if all({r.movie for r in o["test"]} == {r.movie for r in first["test"]} for o in others):
-        raise Fail("four different seeds gave the same test movies", "shuffle the movies with random.Random(seed) before filling the splits")
+        raise Fail("four different seeds gave the same test movies",
+                   "shuffle the movies with random.Random(seed) before filling the splits")
     return f"every movie in one split, every split its share, on {len(cases)} corpora; seeds reproducible"
 
 # %% ../../nbs/97_checks_data.ipynb #d33a1e27
 def _wordpiece(word: str, vocab, unk: str = "[UNK]", max_chars: int = 100, longest: bool = True, prefix: str = "##",
                whole_unk: bool = True, limit_ok: bool = True) -> list[str]:
-    "WordPiece of `word`; the keyword arguments switch on the typical mistakes (shortest match, no ##, partial [UNK], no length limit)."
+    """WordPiece of `word`; the keyword arguments switch on the typical mistakes (shortest match, no ##,
+    partial [UNK], no length limit)."""
     if limit_ok and len(word) > max_chars: return [unk]
     pieces, start = [], 0
     while start < len(word):
@@ -134,7 +142,8 @@ def check_wordpiece(fn, seed: int = 0):
     for word, max_chars in cases:
         vocab = set(_SMALL_VOCAB)
         got[word, max_chars] = _expect_pieces(attempt(fn, word, vocab, "[UNK]", max_chars), word)
-        if vocab != _SMALL_VOCAB: raise Fail("your function changed the vocabulary it was given", "only look pieces up in it")
+        if vocab != _SMALL_VOCAB:
+            raise Fail("your function changed the vocabulary it was given", "only look pieces up in it")
     wrong = [(w, m) for w, m in cases if got[w, m] != _wordpiece(w, _SMALL_VOCAB, "[UNK]", m)]
     if wrong:
         word, max_chars = wrong[0]
@@ -150,6 +159,8 @@ def check_wordpiece(fn, seed: int = 0):
     for word in words:
         got = _expect_pieces(attempt(fn, word, vocab, tokenizer.unk_token, 100), word)
         if got != tokenizer.tokenize(word):
-            raise Fail(f"for {word!r} with the pretrained tokenizer's vocabulary you returned {got}, not what the tokenizer returns",
-                       "the small cases pass: check that you look up continuation pieces with ## in front in a dict as well as a set")
+            raise Fail(f"for {word!r} with the pretrained tokenizer's vocabulary you returned {got}, not what the "
+                       f"tokenizer returns",
+                       "the small cases pass: check that you look up continuation pieces with ## in front in a dict as "
+                       "well as a set")
     return f"matches WordPiece on {len(cases)} tricky words and the pretrained tokenizer on {len(words)} words"

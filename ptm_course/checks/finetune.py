@@ -24,14 +24,16 @@ def _pool(hidden, mask, pooling):
     return (hidden * m).sum(1) / m.sum(1)
 
 def _head_oracle(hidden, mask, weight, bias, pooling):
-    "What nn.Linear computes on the pooled vectors, in float64 (F.linear: building an nn.Linear would draw from the learner's random state)."
+    """What nn.Linear computes on the pooled vectors, in float64 (F.linear: building an nn.Linear would draw
+    from the learner's random state)."""
     with torch.no_grad(): return F.linear(_pool(hidden.double(), mask, pooling), weight.double(), bias.double())
 
 def _head_mistakes(hidden, mask, weight, bias, pooling) -> dict:
     h, w, b = hidden.double(), weight.double(), bias.double()
     right = _pool(h, mask, pooling) @ w.T + b
     return {
-        "the mean must count only the real tokens: multiply by the mask before summing and divide by the number of real tokens":
+        "the mean must count only the real tokens: multiply by the mask before summing and divide by the number of "
+        "real tokens":
             h.mean(1) @ w.T + b,
         "divide by the number of real tokens, attention_mask.sum(1), not by the sequence length":
             (h * mask.unsqueeze(-1)).sum(1) / h.shape[1] @ w.T + b,
@@ -60,14 +62,15 @@ def check_head_logits(fn, seed: int = 0):
         if not close(out, want, 1e-4):
             hint = diagnose(out, _head_mistakes(*before.values(), pooling)) or \
                 "pool first (the mean over real tokens, or hidden[:, 0]), then pooled @ weight.T + bias"
-            raise Fail(f"wrong logits on case {case} of {len(cases)} (pooling={pooling!r}): relative error {relative_error(out, want):.1e}", hint)
+            raise Fail(f"wrong logits on case {case} of {len(cases)} (pooling={pooling!r}): relative error "
+                       f"{relative_error(out, want):.1e}", hint)
     return f"matches nn.Linear on pooled vectors in {len(cases)} random cases, mean and [CLS] pooling"
 
 # %% ../../nbs/97a_checks_finetune.ipynb #d4016cc5
 def _tiny_bert(layers: int, seed: int, freeze_embeddings: bool = False):
     from transformers import BertConfig, BertForSequenceClassification
-    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=16,
-                        max_position_embeddings=16, num_labels=3)
+    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, num_labels=3)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
@@ -81,7 +84,8 @@ def _expected_lr(name: str, layers: int, base_lr: float, decay: float) -> float:
     return base_lr
 
 def _group_lrs(groups, model) -> dict[str, float]:
-    "{parameter name: its group's lr}; `Fail` for groups that are not groups, or parameters missing, repeated or foreign."
+    """{parameter name: its group's lr}; `Fail` for groups that are not groups, or parameters missing,
+    repeated or foreign."""
     if isinstance(groups, dict) or not isinstance(groups, (list, tuple)) or not groups:
         raise Fail(f"your function returned a {type(groups).__name__}, expected a non-empty list of parameter groups",
                    'return [{"params": [...], "lr": ...}, ...], one dict per learning rate')
@@ -89,12 +93,14 @@ def _group_lrs(groups, model) -> dict[str, float]:
     lrs: dict[str, float] = {}
     for i, g in enumerate(groups):
         if not isinstance(g, dict) or "params" not in g or "lr" not in g:
-            raise Fail(f"group {i} is a {type(g).__name__} without the keys 'params' and 'lr'", 'each group is {"params": [...], "lr": ...}')
+            raise Fail(f"group {i} is a {type(g).__name__} without the keys 'params' and 'lr'",
+                       'each group is {"params": [...], "lr": ...}')
         params = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
         for p in params:
             if id(p) not in names:
                 raise Fail(f"group {i} holds something that is not a parameter of the model ({type(p).__name__})",
-                           "put the model's parameters themselves in the groups: module.parameters() or p for _, p in named_parameters()")
+                           "put the model's parameters themselves in the groups: module.parameters() or p for _, p in "
+                           "named_parameters()")
             n = names[id(p)]
             if n in lrs: raise Fail(f"the parameter {n} is in two groups", "each parameter in exactly one group: "
                                     "the pooler and the classifier are neither embeddings nor encoder layers")
@@ -103,7 +109,8 @@ def _group_lrs(groups, model) -> dict[str, float]:
     missing = [n for n in trainable if n not in lrs]
     if missing:
         raise Fail(f"{len(missing)} parameter(s) are in no group, e.g. {missing[0]}",
-                   "every trainable parameter needs a group; everything that is not embeddings or an encoder layer gets base_lr")
+                   "every trainable parameter needs a group; everything that is not embeddings or an encoder layer "
+                   "gets base_lr")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n in lrs]
     if frozen:
         raise Fail(f"{len(frozen)} frozen parameter(s) are in a group, e.g. {frozen[0]}",
@@ -112,7 +119,8 @@ def _group_lrs(groups, model) -> dict[str, float]:
 
 # %% ../../nbs/97a_checks_finetune.ipynb #4e15e8a0
 _LR_MISTAKES = [  # (hint, the rate it gives a parameter): checked when every rate matches
-    ("the decay goes downwards: the top layer (i = L - 1) gets base_lr * decay, the lowest (i = 0) base_lr * decay ** L",
+    ("the decay goes downwards: the top layer (i = L - 1) gets base_lr * decay, "
+     "the lowest (i = 0) base_lr * decay ** L",
      lambda n, L, b, d: b * d ** (int(n.split(".")[3]) + 1) if n.startswith("bert.encoder.layer.") else
                         b * d ** (L + 1) if n.startswith("bert.embeddings.") else b),
     ("the embeddings sit below layer 0: base_lr * decay ** (L + 1), one step smaller than layer 0",
@@ -120,7 +128,8 @@ _LR_MISTAKES = [  # (hint, the rate it gives a parameter): checked when every ra
     ("the head (pooler and classifier) is new: it gets base_lr itself, and the top encoder layer base_lr * decay",
      lambda n, L, b, d: _expected_lr(n, L, b, d) * d),
     ("the head (pooler and classifier) is new: it gets base_lr itself, and the top encoder layer base_lr * decay",
-     lambda n, L, b, d: _expected_lr(n, L, b, d) * (d if not n.startswith(("bert.embeddings.", "bert.encoder.layer.")) else 1)),
+     lambda n, L, b, d: _expected_lr(n, L, b, d) * (d if not n.startswith(("bert.embeddings.", "bert.encoder.layer."))
+                                                    else 1)),
     ("count the exponent from the top: layer i gets decay ** (L - i), so the top layer gets one factor of decay",
      lambda n, L, b, d: b * d ** (L - 1 - int(n.split(".")[3])) if n.startswith("bert.encoder.layer.") else
                         b * d ** L if n.startswith("bert.embeddings.") else b),
@@ -138,10 +147,12 @@ def check_layerwise_lr_groups(fn, seed: int = 0):
         _expect_unchanged(before, dict(model.named_parameters()))
         wrong = [n for n, lr in lrs.items() if abs(lr - _expected_lr(n, layers, base_lr, decay)) > 1e-9 * base_lr]
         if wrong:
-            hint = next((h for h, rule in _LR_MISTAKES if all(abs(lr - rule(n, layers, base_lr, decay)) <= 1e-9 * base_lr
-                                                             for n, lr in lrs.items())), None)
-            raise Fail(f"case {case} of {len(cases)} (L={layers}, decay={decay:g}): {len(wrong)} of {len(lrs)} parameters "
-                       f"have the wrong learning rate, e.g. {wrong[0]}",
-                       hint or "compare each group with the table: embeddings decay ** (L + 1), layer i decay ** (L - i), the rest base_lr")
+            hint = next((h for h, rule in _LR_MISTAKES
+                         if all(abs(lr - rule(n, layers, base_lr, decay)) <= 1e-9 * base_lr
+                                for n, lr in lrs.items())), None)
+            raise Fail(f"case {case} of {len(cases)} (L={layers}, decay={decay:g}): {len(wrong)} of {len(lrs)} "
+                       f"parameters have the wrong learning rate, e.g. {wrong[0]}",
+                       hint or "compare each group with the table: embeddings decay ** (L + 1), "
+                               "layer i decay ** (L - i), the rest base_lr")
     torch.optim.AdamW(attempt(fn, _tiny_bert(2, seed), 1e-3, 0.9))  # the groups build an optimizer
     return f"every parameter once, with its layer's rate, in {len(cases)} BERT classifiers (one with frozen embeddings)"

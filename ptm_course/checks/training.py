@@ -24,7 +24,8 @@ class _Warmup:
     def __call__(self, s: int) -> float: return min(1.0, (s + 1) / self.steps) * 0.5 ** max(0, (s - self.steps) // 4)
 
 def _objects(init_seed: int, data_seed: int):
-    "(model, optimizer, scheduler, generator) of a fresh run; the model's initial weights come from `init_seed` (the global RNG is left alone)."
+    """(model, optimizer, scheduler, generator) of a fresh run; the model's initial weights come from
+    `init_seed` (the global RNG is left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -46,8 +47,8 @@ def _train(model, optimizer, scheduler, generator, steps: int) -> list[float]:
 
 def _save(model, optimizer, scheduler, generator, step: int) -> dict:
     "The checkers' own checkpoint: deep copies of every state."
-    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "generator": generator.get_state(), "step": step})
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "step": step})
 
 def _same(a, b) -> bool:
     "Whether two nested states (dicts, lists, tensors, numbers) are equal, tensors exactly."
@@ -58,17 +59,22 @@ def _same(a, b) -> bool:
     return a == b
 
 _KEYS = {"model": "the weights, model.state_dict()",
-         "optimizer": "AdamW's moving averages and step counts, optimizer.state_dict(): without them the first steps after resuming differ",
-         "scheduler": "the scheduler's position in the warm-up, scheduler.state_dict(): without it the learning rate starts the warm-up again",
+         "optimizer": "AdamW's moving averages and step counts, optimizer.state_dict(): without them the first steps "
+                      "after resuming differ",
+         "scheduler": "the scheduler's position in the warm-up, scheduler.state_dict(): without it the learning rate "
+                      "starts the warm-up again",
          "generator": "the data generator's state, generator.get_state(): it decides the next batches",
          "step": "the step number"}
 
 # %% ../../nbs/97b_checks_training.ipynb #35f8e886
 def _expect_state(state) -> dict:
     if not isinstance(state, dict):
-        raise Fail(f"your function returned a {type(state).__name__}, expected a dict", f"return a dict with the keys {', '.join(_KEYS)}")
+        raise Fail(f"your function returned a {type(state).__name__}, expected a dict",
+                   f"return a dict with the keys {', '.join(_KEYS)}")
     missing = [k for k in _KEYS if k not in state]
-    if missing: raise Fail(f"the checkpoint has no {', '.join(repr(k) for k in missing)}", f"{missing[0]!r}: {_KEYS[missing[0]]}")
+    if missing:
+        raise Fail(f"the checkpoint has no {', '.join(repr(k) for k in missing)}",
+                   f"{missing[0]!r}: {_KEYS[missing[0]]}")
     return state
 
 def _restore(state: dict, model, optimizer, scheduler, generator) -> int:
@@ -82,7 +88,8 @@ def _restore(state: dict, model, optimizer, scheduler, generator) -> int:
 def _diverged(after_restore: tuple, truth: dict) -> str:
     "The first part of a restored run that differs from the checkpoint that should have been loaded: its key."
     model, optimizer, scheduler, generator = after_restore
-    got = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state()}
+    got = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+           "generator": generator.get_state()}
     return next((k for k in ("model", "optimizer", "scheduler", "generator") if not _same(got[k], truth[k])), "")
 
 # %% ../../nbs/97b_checks_training.ipynb #fa3a6688
@@ -98,18 +105,23 @@ def check_training_state(fn, seed: int = 0):
         uninterrupted = _train(*run, after)
         if not _same(state, kept):
             raise Fail("your checkpoint changed while training went on after it was taken",
-                       "state_dict() returns the live tensors: keep copies (copy.deepcopy of the states, or clone each tensor)")
-        if state["step"] != before: raise Fail(f"the checkpoint's step is {state['step']!r}, expected the step it was given, {before}")
+                       "state_dict() returns the live tensors: keep copies (copy.deepcopy of the states, or clone each "
+                       "tensor)")
+        if state["step"] != before:
+            raise Fail(f"the checkpoint's step is {state['step']!r}, expected the step it was given, {before}")
         fresh = _objects(seed + 1, seed + 200)
         try: _restore(state, *fresh)
         except Exception as e:
             raise Fail(f"the checkpoint could not be loaded back ({type(e).__name__}: {str(e)[:120]})",
-                       "store what each object's state_dict() (and the generator's get_state()) returns, so that load_state_dict() takes it")
+                       "store what each object's state_dict() (and the generator's get_state()) returns, so that "
+                       "load_state_dict() takes it")
         wrong = _diverged(fresh, truth)
-        if wrong: raise Fail(f"case {case}: loading your checkpoint does not bring back the run's {wrong}", _KEYS[wrong])
+        if wrong:
+            raise Fail(f"case {case}: loading your checkpoint does not bring back the run's {wrong}", _KEYS[wrong])
         resumed = _train(*fresh, after)
         if resumed != uninterrupted:
-            raise Fail(f"case {case}: the resumed run's losses differ from the uninterrupted run's", "save every part of the run's state")
+            raise Fail(f"case {case}: the resumed run's losses differ from the uninterrupted run's",
+                       "save every part of the run's state")
     return "a run resumed from your checkpoint repeats the uninterrupted run's losses exactly, in 2 cases"
 
 # %% ../../nbs/97b_checks_training.ipynb #2908728e
@@ -129,9 +141,12 @@ def check_restore_training_state(fn, seed: int = 0):
         wrong = _diverged(fresh, kept)
         if wrong:
             raise Fail(f"case {case}: after your function, the {wrong} is not the checkpoint's",
-                       f"load {_KEYS[wrong].split(',')[0]} into the objects you were given (load_state_dict / set_state), in place")
+                       f"load {_KEYS[wrong].split(',')[0]} into the objects you were given (load_state_dict / "
+                       f"set_state), in place")
         if step != before:
-            raise Fail(f"case {case}: your function returned {step!r}, expected the checkpoint's step {before}", 'return state["step"]')
+            raise Fail(f"case {case}: your function returned {step!r}, expected the checkpoint's step {before}",
+                       'return state["step"]')
         if _train(*fresh, after) != uninterrupted:
-            raise Fail(f"case {case}: the resumed run's losses differ from the uninterrupted run's", "load every part of the checkpoint")
+            raise Fail(f"case {case}: the resumed run's losses differ from the uninterrupted run's",
+                       "load every part of the checkpoint")
     return "every part of the run restored in place, and the resumed losses repeat the uninterrupted run's, in 2 cases"
