@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .core import cache_dir, fast_or_full, get_device, hardware_info, is_fast, seed_everything
+from .core import (accuracy, cache_dir, count_parameters, fast_or_full, get_device, hardware_info, is_fast,
+                             seed_everything)
 from .data import DeviceLoader, mnist_root, mnist_tensors
-from .vision import MnistCNN, PublicFastCNN, count_parameters, evaluate_accuracy, train_fast_mnist
+from .vision import MnistCNN, PublicFastCNN, evaluate_accuracy, train_fast_mnist
 
 # %% auto #0
 __all__ = ['CLOCK', 'ours_recipe', 'fastest_public_recipe', 'examples_recipe', 'load_bench_data', 'time_to_accuracy', 'summarize',
@@ -282,7 +283,7 @@ def _compress_cnn_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]
         m = copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format).eval()
         logits = C.logits_of(m, xte.cpu())
         return _compress_row(method, "MNIST CNN", count_parameters(m), C.state_size_mb(m), C.torch_latency(m, x1, runs)["p50"],
-                             C.torch_latency(m, x64, runs)["p50"], C.accuracy_of(logits, yte.cpu()), C.output_loss(base, logits))
+                             C.torch_latency(m, x64, runs)["p50"], accuracy(logits, yte.cpu()), C.output_loss(base, logits))
     rows = [torch_row("fp32, PyTorch eager", cnn_cpu)]
     paths = C.export_cnn(cnn_cpu, work, xtr[:256])
     for kind in ("fp32", "int8"):
@@ -292,7 +293,7 @@ def _compress_cnn_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]
                                   count_parameters(cnn_cpu), C.file_size_mb(paths[kind]),
                                   C.ort_latency(s, {"images": x1.numpy()}, runs)["p50"],
                                   C.ort_latency(s, {"images": x64.numpy()}, runs)["p50"],
-                                  C.accuracy_of(logits, yte.cpu()), C.output_loss(base, logits)))
+                                  accuracy(logits, yte.cpu()), C.output_loss(base, logits)))
     pruned, prune_rows = C.cached_pruned_cnn(cnn, xtr, ytr, xte, yte, device=device)
     row = torch_row(f"pruned {C.sparsity(pruned):.0%} unstructured, retrained (size: CSR)", pruned)
     row["size_mb"] = round(C.state_size_mb(copy.deepcopy(pruned).cpu(), sparse=True), 3)
@@ -328,7 +329,7 @@ def _compress_minilm_rows(runs: int, work: Path, device) -> tuple[list[dict], di
         size = sum(p.numel()*p.element_size() for p in m.state_dict().values())/1e6
         as_tensors = lambda feed: {k: torch.from_numpy(v) for k, v in feed.items()}
         return _compress_row(method, "MiniLM", count_parameters(m), size, C.torch_latency(m, as_tensors(one), truns)["p50"],
-                             C.torch_latency(m, as_tensors(many), truns)["p50"], C.accuracy_of(logits, labels),
+                             C.torch_latency(m, as_tensors(many), truns)["p50"], accuracy(logits, labels),
                              C.output_loss(base, logits))
     rows = [torch_row("fp32, PyTorch eager", minilm)]
     rows[-1]["size_mb"] = round((folder/"model.safetensors").stat().st_size/1e6, 3)
@@ -338,7 +339,7 @@ def _compress_minilm_rows(runs: int, work: Path, device) -> tuple[list[dict], di
         logits = C.text_logits_onnx(s, batches)
         rows.append(_compress_row(f"{kind}, ONNX Runtime" + (" (dynamic)" if kind.startswith("int8") else ""), "MiniLM",
                                   count_parameters(minilm), C.file_size_mb(paths[kind]), C.ort_latency(s, one, truns)["p50"],
-                                  C.ort_latency(s, many, truns)["p50"], C.accuracy_of(logits, labels), C.output_loss(base, logits)))
+                                  C.ort_latency(s, many, truns)["p50"], accuracy(logits, labels), C.output_loss(base, logits)))
     students_acc = {}
     for name, (student_dir, _) in C.text_students(folder, device=device).items():
         student = AutoModelForSequenceClassification.from_pretrained(student_dir, local_files_only=True)

@@ -20,23 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
+from .core import accuracy, cache_dir, count_parameters, fast_or_full, get_device, is_fast, seed_everything
 from .data import DeviceLoader, mnist_tensors
 from .objectives import distillation_loss
 from .train import train
-from .vision import (MnistCNN, classification_loss, count_parameters, evaluate_accuracy, one_cycle, predict,
+from .vision import (MnistCNN, classification_loss, evaluate_accuracy, one_cycle, predict,
                               train_mnist_cnn)
 
 # %% auto #0
 __all__ = ['EMBEDDINGS', 'MNIST_KD', 'quant_range', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'quantization_error',
            'mnist_teacher', 'quantize_weights', 'export_onnx', 'onnx_files', 'file_size_mb', 'ort_session',
            'quantize_embeddings_per_row', 'quantize_onnx_dynamic', 'quantize_onnx_static', 'cnn_logits_onnx',
-           'export_cnn', 'logits_of', 'output_loss', 'accuracy_of', 'latency_ms', 'torch_latency', 'ort_latency',
-           'minilm_reviews_dir', 'review_batches', 'text_logits_torch', 'text_logits_onnx', 'export_text_onnx',
-           'export_text_classifier', 'prunable', 'sparsity', 'prune_by_magnitude', 'remove_pruning',
-           'iterative_pruning', 'cached_pruned_cnn', 'state_size_mb', 'SlimCNN', 'prune_channels', 'cached_slim_cnn',
-           'mlp_student', 'distill_mnist', 'gap_recovered', 'mnist_students', 'distillation_step', 'text_students',
-           'format_compress']
+           'export_cnn', 'logits_of', 'output_loss', 'latency_ms', 'torch_latency', 'ort_latency', 'minilm_reviews_dir',
+           'review_batches', 'text_logits_torch', 'text_logits_onnx', 'export_text_onnx', 'export_text_classifier',
+           'prunable', 'sparsity', 'prune_by_magnitude', 'remove_pruning', 'iterative_pruning', 'cached_pruned_cnn',
+           'state_size_mb', 'SlimCNN', 'prune_channels', 'cached_slim_cnn', 'mlp_student', 'distill_mnist',
+           'gap_recovered', 'mnist_students', 'distillation_step', 'text_students', 'format_compress']
 
 # %% ../nbs/07_compression.ipynb #67ebf442
 def quant_range(bits: int = 8, symmetric: bool = False) -> tuple[int, int]:
@@ -292,10 +291,6 @@ def output_loss(original_logits: torch.Tensor, compressed_logits: torch.Tensor) 
                          f"{tuple(compressed_logits.shape)}; score the same examples with both models.")
     kl = distillation_loss(compressed_logits.float(), original_logits.float(), temperature=1.0).item()
     return max(kl, 0.0)  # a KL divergence is never negative; float rounding gives about -1e-10 for identical outputs
-
-def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    "Percent of rows whose largest logit is the label."
-    return 100.0*(logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
 
 # %% ../nbs/07_compression.ipynb #1aca7dc7
 def latency_ms(fn, runs: int = 100, warmup: int = 10, sync=None) -> dict[str, float]:

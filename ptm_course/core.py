@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #70c7f1b7
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import random
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['DEVICE_ENV', 'FAST_ENV', 'CACHE_ENV', 'available_devices', 'get_device', 'seed_everything', 'is_fast', 'fast_or_full',
-           'progress', 'cache_dir', 'cpu_model', 'hardware_info']
+           'progress', 'cache_dir', 'cpu_model', 'hardware_info', 'count_parameters', 'accuracy', 'file_digest']
 
 # %% ../nbs/00_core.ipynb #cb434fe3
 DEVICE_ENV = "PTM_DEVICE"
@@ -108,3 +109,21 @@ def hardware_info(device=None) -> dict:
     try: info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError): info["load_average_1min_at_start"] = None
     return info
+
+# %% ../nbs/00_core.ipynb #d844cc79
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of `model`, shared ones counted once.
+
+    Only those that get gradients with `trainable_only`. Defined in chapter 0."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    "Percent of rows whose largest logit is the label. Defined in chapter 0."
+    return 100.0*(logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
+
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    "Hex digest of a file, read in 1 MiB blocks. Defined in chapter 0."
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return h.hexdigest()

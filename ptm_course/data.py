@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 import ptm_course
-from .core import cache_dir, get_device
+from .core import cache_dir, file_digest, get_device
 
 # %% auto #0
 __all__ = ['DATA_ENV', 'RESTORE_HINT', 'MNIST_MD5', 'MNIST_MEAN', 'MNIST_STD', 'LABELS', 'AUSTEN_NOVELS', 'DataFileError',
-           'bundled_dir', 'bundled_checksums', 'file_digest', 'verify_file', 'bundled_file', 'verify_bundled',
-           'mnist_root', 'read_idx', 'load_mnist', 'mnist_tensors', 'DeviceLoader', 'mnist_dataloader', 'Review',
-           'load_reviews', 'review_splits', 'austen_novels', 'pretrained_path', 'load_tokenizer', 'load_encoder']
+           'bundled_dir', 'bundled_checksums', 'verify_file', 'bundled_file', 'verify_bundled', 'mnist_root',
+           'read_idx', 'load_mnist', 'mnist_tensors', 'DeviceLoader', 'mnist_dataloader', 'Review', 'load_reviews',
+           'review_splits', 'austen_novels', 'pretrained_path', 'load_tokenizer', 'load_encoder']
 
 # %% ../nbs/02_data.ipynb #256a0efe
 DATA_ENV = "PTM_DATA_DIR"
@@ -56,13 +56,6 @@ def bundled_checksums() -> dict[str, str]:
     return out
 
 # %% ../nbs/02_data.ipynb #4e483550
-def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
-    "Hex digest of a file, read in 1 MiB blocks."
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
-
 def _stamp_path(path: Path) -> Path:
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
     return cache_dir("verified")/f"{key}.json"

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from starlette.requests import Request  # at module level: FastAPI resolves the endpoints' annotations here
 from torch import nn
 
-from .compress import (accuracy_of, cnn_logits_onnx, export_cnn, export_text_onnx, file_size_mb, latency_ms,
+from .compress import (cnn_logits_onnx, export_cnn, export_text_onnx, file_size_mb, latency_ms,
                                  minilm_reviews_dir, mnist_teacher, ort_session, quantize_onnx_dynamic, review_batches,
                                  text_logits_onnx)
-from .core import cache_dir, fast_or_full, get_device, hardware_info, is_fast
+from .core import accuracy, cache_dir, fast_or_full, file_digest, get_device, hardware_info, is_fast
 from .data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 # %% auto #0
@@ -47,13 +47,6 @@ __all__ = ['MANIFEST', 'DIGIT_LABELS', 'MAX_BODY_BYTES', 'MAX_REVIEW_BYTES', 'MA
 # %% ../nbs/08_deployment.ipynb #d6c5e291
 MANIFEST = "manifest.json"
 DIGIT_LABELS = [str(d) for d in range(10)]
-
-def _sha256(path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
 
 def default_bundle_dir() -> Path:
     "Where `build_bundle` writes, and `ptm-course serve` reads, by default: the course cache, one folder per mode."
@@ -78,8 +71,8 @@ def write_manifest(folder, fast_mode: bool | None = None, **models: dict) -> Pat
     entries = {}
     for name, spec in models.items():
         path = folder/spec["file"]
-        entries[name] = {**spec, "size_mb": round(file_size_mb(path), 3), "sha256": _sha256(path)}
-    files = {rel: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        entries[name] = {**spec, "size_mb": round(file_size_mb(path), 3), "sha256": file_digest(path)}
+    files = {rel: {"size": f.stat().st_size, "sha256": file_digest(f)}
              for rel, f in _manifest_files(folder, entries).items()}
     manifest = {"format": 2, "fast_mode": is_fast() if fast_mode is None else bool(fast_mode), "models": entries,
                 "files": files}
@@ -108,7 +101,7 @@ def _check_file(name: str, f: Path, sha256, path: Path):
         raise ValueError(f"{path}: the entry for {name} has no valid \"sha256\" (64 hex digits; found {sha256!r}). "
                          "Rebuild the folder with `build_bundle` (it writes the manifest).")
     if not f.is_file(): raise FileNotFoundError(f"{name}: {f} is missing; rebuild the folder with `build_bundle`.")
-    if _sha256(f) != sha256:
+    if file_digest(f) != sha256:
         raise ValueError(f"{name}: {f} does not match its SHA-256 in {path}: the file was changed or "
                                                "damaged. Rebuild the folder with `build_bundle`.")
 
@@ -161,7 +154,6 @@ def read_manifest(folder) -> dict:
         _check_file(rel, _inside(folder, rel, f"the file {rel!r}", path), entry.get("sha256"), path)
     return manifest
 
-
 # %% ../nbs/08_deployment.ipynb #d58c939a
 def course_models(reviews: bool = True, device=None) -> dict:
     """What this chapter deploys, from the course cache (trained when missing): MNIST tensors, chapter 7's CNN
@@ -184,7 +176,7 @@ def export_digit_models(model: nn.Module, folder, calibration_images, x_test, y_
     specs = {}
     for kind, path in export_cnn(model.cpu(), folder, calibration_images.cpu()).items():
         path = path.replace(Path(folder)/f"digits_{kind}.onnx")
-        acc = accuracy_of(cnn_logits_onnx(ort_session(path), x_test.cpu()), y_test.cpu())
+        acc = accuracy(cnn_logits_onnx(ort_session(path), x_test.cpu()), y_test.cpu())
         specs[f"digits_{kind}"] = dict(file=path.name, task="digits", precision=kind, labels=DIGIT_LABELS,
                                        input="images", test_accuracy=round(acc, 2), test_examples=len(y_test))
     return specs
@@ -206,7 +198,7 @@ def build_bundle(folder=None, reviews: bool = True, device=None) -> Path:
         batches = review_batches([r.text for r in test], tok, max_length=128)
         labels = [minilm.config.id2label[i] for i in range(minilm.config.num_labels)]
         for kind, path in (("fp32", fp32), ("int8", int8)):
-            acc = accuracy_of(text_logits_onnx(ort_session(path), batches), torch.tensor([r.label for r in test]))
+            acc = accuracy(text_logits_onnx(ort_session(path), batches), torch.tensor([r.label for r in test]))
             models[f"reviews_{kind}"] = dict(file=path.name, task="reviews", precision=kind, labels=labels,
                                              tokenizer="tokenizer", max_length=128, test_accuracy=round(acc, 2),
                                              test_examples=len(test))

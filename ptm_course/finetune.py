@@ -18,9 +18,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel, BertPreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
+from .core import cache_dir, count_parameters, fast_or_full, get_device, is_fast, seed_everything
 from .data import Review, load_tokenizer, pretrained_path, review_splits
-from .text import count_parameters, small_bert_dir
+from .text import small_bert_dir
 from .train import History, process_device, resolve_mixed_precision, train
 
 # %% auto #0

@@ -12,16 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
-from .core import progress
+from .core import accuracy, progress
 from .data import DeviceLoader
 
 # %% auto #0
-__all__ = ['DescentResult', 'gradient_descent', 'softmax_regression_loss', 'autograd_loss_and_gradient', 'accuracy',
-           'linear_regression_loss', 'mse_gradient', 'autograd_gradient', 'numerical_gradient',
-           'hand_gradient_function', 'check_gradient', 'logistic_regression_loss', 'logistic_regression_gradient',
-           'softmax_regression_gradient', 'mlp_init', 'mlp_forward', 'mlp_loss', 'mlp_backward', 'quadratic_problem',
-           'quadratic_loss_and_gradient', 'contraction_factor', 'measured_rate', 'minibatch_sgd', 'SGD',
-           'optimizer_trajectory', 'Adam', 'AdamW']
+__all__ = ['DescentResult', 'gradient_descent', 'softmax_regression_loss', 'autograd_loss_and_gradient', 'linear_regression_loss',
+           'mse_gradient', 'autograd_gradient', 'numerical_gradient', 'hand_gradient_function', 'check_gradient',
+           'logistic_regression_loss', 'logistic_regression_gradient', 'softmax_regression_gradient', 'mlp_init',
+           'mlp_forward', 'mlp_loss', 'mlp_backward', 'quadratic_problem', 'quadratic_loss_and_gradient',
+           'contraction_factor', 'measured_rate', 'minibatch_sgd', 'SGD', 'optimizer_trajectory', 'Adam', 'AdamW']
 
 # %% ../nbs/01_gradient_descent.ipynb #298fadec
 @dataclass
@@ -72,10 +71,6 @@ def autograd_loss_and_gradient(loss_fn):
         loss = loss_fn(theta)
         return loss.detach(), torch.autograd.grad(loss, theta)
     return loss_and_gradient
-
-def accuracy(logits, y) -> float:
-    "Fraction of rows whose largest logit is the label. Defined in chapter 1."
-    return (logits.argmax(-1) == y).float().mean().item()
 
 # %% ../nbs/01_gradient_descent.ipynb #e8703da1
 def linear_regression_loss(X, y, w, b):

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .core import cache_dir, fast_or_full, get_device, is_fast, seed_everything
+from .core import cache_dir, count_parameters, fast_or_full, get_device, is_fast, seed_everything
 from .data import DeviceLoader, austen_novels, load_tokenizer, pretrained_path
 from .objectives import IGNORE_INDEX, mask_tokens
 from .train import History, is_main_process, process_device, resolve_mixed_precision, train
 
 # %% auto #0
-__all__ = ['PRETRAIN_STEPS', 'small_bert_config', 'count_parameters', 'tokenize_novels', 'make_blocks', 'austen_mlm_data',
-           'MaskedLMLoss', 'time_steps', 'unigram_log_probs', 'evaluate_mlm', 'mlm_loss_fn', 'parameter_digest',
-           'pretrain_bert', 'small_bert_dir', 'fill_mask', 'pretrain_bert_cli', 'training_flops_per_token']
+__all__ = ['PRETRAIN_STEPS', 'small_bert_config', 'tokenize_novels', 'make_blocks', 'austen_mlm_data', 'MaskedLMLoss',
+           'time_steps', 'unigram_log_probs', 'evaluate_mlm', 'mlm_loss_fn', 'parameter_digest', 'pretrain_bert',
+           'small_bert_dir', 'fill_mask', 'pretrain_bert_cli', 'training_flops_per_token']
 
 # %% ../nbs/05_bert_pretraining.ipynb #efb09af2
 def small_bert_config(tokenizer=None, hidden_size: int = 256, num_hidden_layers: int = 4, num_attention_heads: int = 4,
@@ -38,10 +38,6 @@ def small_bert_config(tokenizer=None, hidden_size: int = 256, num_hidden_layers:
     return BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                       num_attention_heads=num_attention_heads, intermediate_size=intermediate_size or 4*hidden_size,
                       max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id, **kwargs)
-
-def count_parameters(model: torch.nn.Module) -> int:
-    "The number of parameters of `model` (shared ones counted once)."
-    return sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/05_bert_pretraining.ipynb #5dc65368
 def tokenize_novels(tokenizer=None, novels: dict[str, str] | None = None) -> dict[str, torch.Tensor]:

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .compress import accuracy_of
-from .core import get_device, hardware_info, seed_everything
+from .core import accuracy, count_parameters, get_device, hardware_info, seed_everything
 from .data import mnist_tensors
 from .deploy import (cnn_runners, export_digit_models, format_latency, measure_runners,
     plot_latency, verify_onnx, write_manifest)
-from .vision import balanced_subset, count_parameters, finetune, pretrain_autoencoder, transfer_encoder
+from .vision import balanced_subset, finetune, pretrain_autoencoder, transfer_encoder
 
 # %% auto #0
 __all__ = ['TOUR_SETTINGS', 'tour', 'tour_report']
@@ -96,7 +95,7 @@ def _export_step(model, models_dir: Path, xtr, xte, yte, res: dict, fast: bool, 
     res["onnx_max_abs_diff"] = float(f"{diff:.3e}")
     manifest = json.loads(write_manifest(models_dir, fast_mode=fast, **specs).read_text())
     res.update({f"{k}_size_mb": v["size_mb"] for k, v in manifest["models"].items()})
-    with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy_of(model(xte.cpu()), yte.cpu()), 2)
+    with torch.no_grad(): res["pytorch_fp32_acc"] = round(accuracy(model(xte.cpu()), yte.cpu()), 2)
     return model
 
 def tour(out=None, fast: bool = False, device=None, seed: int = 0) -> Path:

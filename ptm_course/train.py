@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import get_device, progress
+from .core import file_digest, get_device, progress
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'History', 'CheckpointError', 'checkpoint_paths', 'latest_checkpoint', 'read_checkpoint_state',
@@ -129,12 +129,6 @@ CHECKPOINT_FORMAT = 1
 class CheckpointError(RuntimeError):
     "A checkpoint is missing, damaged or does not fit the run; the message names the file."
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
-
 def checkpoint_paths(checkpoint_dir) -> list[Path]:
     "The complete checkpoints in `checkpoint_dir` (folders `step-NNNNNNNN` with a `state.json`), oldest first."
     root = Path(checkpoint_dir)
@@ -164,7 +158,7 @@ def read_checkpoint_state(path) -> dict:
     for name, digest in state["files"].items():
         f = path/name
         if not f.is_file(): raise CheckpointError(f"Checkpoint file {f} is missing (listed in {state_file}).")
-        actual = _sha256(f)
+        actual = file_digest(f)
         if actual != digest:
             raise CheckpointError(f"Checkpoint file {f} is corrupt (sha256 {actual[:12]}..., {state_file} recorded "
                                   f"{digest[:12]}...). Delete the folder {path} to resume from the checkpoint "
@@ -344,7 +338,7 @@ def _save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, histo
         torch.save(optimizer.state_dict(), tmp/"optimizer.pt")
         if scheduler is not None: torch.save(scheduler.state_dict(), tmp/"scheduler.pt")
         torch.save(rngs, tmp/"rng.pt")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
         state = dict(format=CHECKPOINT_FORMAT, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
                      steps_per_epoch=steps_per_epoch, num_processes=accelerator.num_processes, files=files,
                      saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"), torch_version=torch.__version__, history=history.rows)

@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import fast_or_full, get_device, is_fast, progress, seed_everything
+from .core import count_parameters, fast_or_full, get_device, is_fast, progress, seed_everything
 from .data import MNIST_MEAN, MNIST_STD, DeviceLoader, mnist_dataloader, mnist_root, mnist_tensors
 from .objectives import reconstruction_loss
 from .train import History, load_weights, train
 
 # %% auto #0
-__all__ = ['BLACK', 'MnistCNN', 'count_parameters', 'classification_loss', 'evaluate_classifier', 'time_seed_loop', 'one_cycle',
-           'fast_layout', 'mnist_classifier_loaders', 'train_mnist_cnn', 'predict', 'confusion_matrix',
-           'plot_confusion', 'center_crop', 'FastCNN', 'PublicFastCNN', 'time_train_step', 'evaluate_accuracy',
-           'train_fast_mnist', 'ConvEncoder', 'ConvDecoder', 'Autoencoder', 'random_affine', 'mask_patches', 'corrupt',
-           'denoising_loss', 'pretrain_autoencoder', 'EncoderClassifier', 'transfer_encoder', 'balanced_subset',
-           'finetune', 'cached_autoencoder', 'show_reconstructions', 'encode', 'pca_2d', 'plot_projection',
+__all__ = ['BLACK', 'MnistCNN', 'classification_loss', 'evaluate_classifier', 'time_seed_loop', 'one_cycle', 'fast_layout',
+           'mnist_classifier_loaders', 'train_mnist_cnn', 'predict', 'confusion_matrix', 'plot_confusion',
+           'center_crop', 'FastCNN', 'PublicFastCNN', 'time_train_step', 'evaluate_accuracy', 'train_fast_mnist',
+           'ConvEncoder', 'ConvDecoder', 'Autoencoder', 'random_affine', 'mask_patches', 'corrupt', 'denoising_loss',
+           'pretrain_autoencoder', 'EncoderClassifier', 'transfer_encoder', 'balanced_subset', 'finetune',
+           'cached_autoencoder', 'show_reconstructions', 'encode', 'pca_2d', 'plot_projection',
            'nearest_neighbour_accuracy', 'label_efficiency', 'efficiency_table', 'format_efficiency_table']
 
 # %% ../nbs/04_mnist.ipynb #13ff3265
@@ -49,10 +49,6 @@ class MnistCNN(nn.Module):
         x = self.dropout1(torch.flatten(x, 1))
         x = self.dropout2(F.relu(self.fc1(x)))
         return self.fc2(x)
-
-def count_parameters(model: nn.Module) -> int:
-    "The number of trainable parameters of `model`."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # %% ../nbs/04_mnist.ipynb #caa8eb41
 def classification_loss(label_smoothing: float = 0.0, augment=None):
