@@ -25,7 +25,8 @@ from .vision import MnistCNN, PublicFastCNN, evaluate_accuracy, train_fast_mnist
 
 # %% auto #0
 __all__ = ['CLOCK', 'ours_recipe', 'fastest_public_recipe', 'examples_recipe', 'load_bench_data', 'time_to_accuracy', 'summarize',
-           'bench_mnist', 'format_bench', 'bench_bert', 'format_bench_bert', 'bench_compress', 'bench_cli']
+           'bench_mnist', 'format_bench', 'bench_bert', 'format_bench_bert', 'bench_compress', 'bench_trust',
+           'format_trust', 'bench_cli']
 
 # %% ../nbs/98_bench.ipynb #fd2450ae
 def ours_recipe(data: dict, seed: int, device, epochs: float = 1) -> list[tuple[float, float, float]]:
@@ -392,9 +393,70 @@ def bench_compress(runs: int | None = None, device=None) -> dict:
                 threads=torch.get_num_threads(), mode="fast" if is_fast() else "full",
                 seconds=round(time.perf_counter() - start, 1), **hardware_info(device))
 
+# %% ../nbs/98_bench.ipynb #7a11c0df
+def bench_trust(runs: int | None = None, device=None) -> dict:
+    """Chapter 10's headline numbers in one run (`runs` is not used: nothing here is timed).
+
+    IG on the CNN, the per-layer probe, CheckList, calibration of both models, and the new-domain gain at 10 labels per class."""
+    from transformers import AutoModelForSequenceClassification
+    from . import trust
+    from .compress import logits_of, mnist_teacher
+    from .data import load_encoder, load_tokenizer
+    from .finetune import course_splits
+    from .vision import BLACK, cached_autoencoder
+    device = get_device(device)
+    hardware = hardware_info(device)
+    start = time.perf_counter()
+    x_train, y_train = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
+    x_test, y_test = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
+    cnn = mnist_teacher(x_train, y_train, x_test, y_test, device=device).eval()
+    examples = x_test[:8]
+    with torch.no_grad(): predicted = cnn(examples).argmax(1)
+    ig = trust.check_integrated_gradients(cnn, examples, predicted, baseline=BLACK, steps=64)
+    splits, tokenizer = course_splits(), load_tokenizer()
+    probe_train = splits["train"][:fast_or_full(256, 3000)]
+    encoder = load_encoder(device=device)
+    scores = trust.probe_layers(trust.layer_features(encoder, tokenizer, [r.text for r in probe_train]), [r.label for r in probe_train],
+                                trust.layer_features(encoder, tokenizer, [r.text for r in splits["validation"]]), [r.label for r in splits["validation"]])
+    minilm = AutoModelForSequenceClassification.from_pretrained(trust.trust_minilm_dir(device), local_files_only=True).to(device).eval()
+    def p_fresh(texts): return trust.review_logits(minilm, tokenizer, texts).softmax(-1)[:, 1].numpy()
+    checklist = trust.run_checklist(p_fresh, trust.checklist_tests([r.text for r in splits["test"][:fast_or_full(64, 300)]]))
+    cnn_logits, labels, half = logits_of(cnn, x_test).float().cpu(), y_test.cpu(), len(y_test)//2
+    review_labels = {k: torch.tensor([r.label for r in splits[k]]) for k in ("validation", "test")}
+    calibration = {"mnist_cnn": trust.temperature_report(cnn_logits[:half], labels[:half], cnn_logits[half:], labels[half:]),
+                   "minilm_reviews": trust.temperature_report(trust.review_logits(minilm, tokenizer, [r.text for r in splits["validation"]]), review_labels["validation"],
+                                                              trust.review_logits(minilm, tokenizer, [r.text for r in splits["test"]]), review_labels["test"])}
+    autoencoder, _ = cached_autoencoder(x_train, epochs=fast_or_full(1, 3), device=device, eval_images=x_test[:1000])
+    digits = trust.uci_digits()
+    (xd, yd), (xt, yt) = digits["train"], digits["test"]
+    transfer = trust.digits_transfer(autoencoder, xd.to(device), yd.to(device), xt.to(device), yt.to(device), per_class=(10,),
+                                     seeds=fast_or_full((0, 1), (0, 1, 2)), device=device, **trust.TRANSFER_RECIPES["fast" if is_fast() else "full"])
+    gain = trust.transfer_table(transfer)[0]
+    return dict(mnist_ig_completeness_error=round(ig["completeness_by_hand"].max().item(), 5),
+                mnist_ig_captum_max_relative_difference=float(f"{ig['max_relative_difference']:.3g}"), mnist_ig_steps=64, mnist_ig_images=len(examples),
+                probe_best_layer=max(range(len(scores)), key=scores.__getitem__), probe_valid_accuracy=[round(s, 4) for s in scores], probe_train_reviews=len(probe_train),
+                checklist_failure_rates={r["test"]: round(r["failure_rate"], 4) for r in checklist}, checklist_cases={r["test"]: r["cases"] for r in checklist},
+                ece_before={k: round(v["ece_before"], 5) for k, v in calibration.items()}, ece_after={k: round(v["ece_after"], 5) for k, v in calibration.items()},
+                temperature={k: round(v["temperature"], 4) for k, v in calibration.items()},
+                transfer_digits_gain_10_labels=round(gain["gain"], 2), transfer_digits_10_labels={k: round(gain[k], 2) for k in ("pretrained", "pretrained_std", "scratch", "scratch_std")},
+                transfer_digits_seeds=gain["seeds"], mode="fast" if is_fast() else "full", seconds=round(time.perf_counter() - start, 1), **hardware)
+
+def format_trust(res: dict) -> str:
+    "The trust benchmark as Markdown: one line per headline number, the CheckList rates as a table."
+    lines = [f"- integrated gradients on the MNIST CNN: completeness error {100*res['mnist_ig_completeness_error']:.2f} % (largest of {res['mnist_ig_images']} images, "
+             f"{res['mnist_ig_steps']} steps); by hand vs Captum: {res['mnist_ig_captum_max_relative_difference']:.1e}",
+             f"- best probe layer of the pretrained MiniLM: {res['probe_best_layer']} ({100*max(res['probe_valid_accuracy']):.1f} % on validation)",
+             *(f"- ECE of {k}: {100*res['ece_before'][k]:.2f} % → {100*res['ece_after'][k]:.2f} % (T = {res['temperature'][k]:.3f})" for k in res["ece_before"]),
+             f"- UCI digits, 10 labels per class: MNIST-pretrained {res['transfer_digits_10_labels']['pretrained']:.1f} ± {res['transfer_digits_10_labels']['pretrained_std']:.1f} %, "
+             f"from scratch {res['transfer_digits_10_labels']['scratch']:.1f} ± {res['transfer_digits_10_labels']['scratch_std']:.1f} % ({res['transfer_digits_gain_10_labels']:+.1f} points)",
+             "", "| CheckList test | cases | failure rate |", "|---|---:|---:|",
+             *(f"| {t} | {res['checklist_cases'][t]} | {100*r:.1f} % |" for t, r in res["checklist_failure_rates"].items()),
+             f"\n{res['mode']} mode, {res['device']}, {res['seconds']:.0f} s"]
+    return "\n".join(lines)
+
 # %% ../nbs/98_bench.ipynb #e6f9b468
 def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) -> int:
-    "Run benchmark `name` ('mnist', 'bert', 'compress' or 'deploy'), print its table and, last, one JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."
+    "Run benchmark `name` ('mnist', 'bert', 'compress', 'deploy' or 'trust'), print its table and, last, one JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."
     def show_compress(res):
         from ptm_course.compress import format_compress
         return format_compress(res)
@@ -406,7 +468,8 @@ def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) 
         return format_deploy(res)
     known = {"mnist": (bench_mnist, format_bench, ("recipes", "clock")), "bert": (lambda runs: bench_bert(runs=runs), format_bench_bert, ("finetuning",)),
              "compress": (bench_compress, show_compress, ("rows", "cnn_pruning_schedule")),
-             "deploy": (deploy, show_deploy, ("latency_rows", "serve_statuses"))}
+             "deploy": (deploy, show_deploy, ("latency_rows", "serve_statuses")),
+             "trust": (bench_trust, format_trust, ("checklist_cases",))}
     if name not in known:
         print(f"Unknown benchmark {name!r}; available: {', '.join(sorted(known))}.", file=sys.stderr)
         return 2

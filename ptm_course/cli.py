@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exercises", help="write the student notebooks from exercises/solutions/")
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student notebook is stale")
     b = sub.add_parser("bench", help="run a benchmark and write its measured figures as JSON (hardware named)")
-    b.add_argument("name", choices=["mnist", "bert", "compress", "deploy"], help="which benchmark")
+    b.add_argument("name", choices=["mnist", "bert", "compress", "deploy", "trust"], help="which benchmark")
     b.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default: chosen by the benchmark)")
     b.add_argument("--runs", type=int, metavar="N", help="repetitions per measurement (default: chosen by the benchmark)")
     s = sub.add_parser("serve", help="serve digit classification and review sentiment over HTTP, with a page to try them")
