@@ -32,23 +32,28 @@ __all__ = ['CLOCK', 'ours_recipe', 'fastest_public_recipe', 'examples_recipe', '
 def ours_recipe(data: dict, seed: int, device, epochs: float = 1) -> list[tuple[float, float, float]]:
     "Chapter 4's recipe (`train_fast_mnist`), timed from its first line to the end of its test evaluation."
     start = time.perf_counter()
-    _, acc = train_fast_mnist(data["x_train"], data["y_train"], data["x_test"], data["y_test"], seed=seed, epochs=epochs, device=device)
+    _, acc = train_fast_mnist(data["x_train"], data["y_train"], data["x_test"], data["y_test"], seed=seed,
+                              epochs=epochs, device=device)
     if device.type == "cuda": torch.cuda.synchronize(device)
     return [(time.perf_counter() - start, epochs, acc)]
 
 def fastest_public_recipe(data: dict, seed: int, device, channels_last: bool = False, epochs: int = 1) -> list[tuple[float, float, float]]:
-    "The fastest public recipe we know: `PublicFastCNN`, Adam lr 0.01 betas (0.7, 0.9), one-cycle, batch 256, one epoch, data on the device."
+    """The fastest public recipe we know: `PublicFastCNN`, Adam lr 0.01 betas (0.7, 0.9), one-cycle, batch 256,
+    one epoch, data on the device."""
     start = time.perf_counter()
     seed_everything(seed)
     x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
     model = PublicFastCNN().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        x_train, x_test = x_train.contiguous(memory_format=torch.channels_last), x_test.contiguous(memory_format=torch.channels_last)
+        x_train, x_test = x_train.contiguous(memory_format=torch.channels_last), x_test.contiguous(
+            memory_format=torch.channels_last)
     batch_size = 256
-    loader = DeviceLoader(x_train, y_train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = DeviceLoader(x_train, y_train, batch_size=batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=len(loader)*epochs, cycle_momentum=False)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=len(loader)*epochs,
+                                                    cycle_momentum=False)
     model.train()
     for _ in range(epochs):
         for x, y in loader:
@@ -62,7 +67,8 @@ def fastest_public_recipe(data: dict, seed: int, device, channels_last: bool = F
 
 def examples_recipe(data: dict, seed: int, device, max_epochs: int = 14, target: float = 99.0,
                     limit_batches: int | None = None) -> list[tuple[float, float, float]]:
-    "pytorch/examples' mnist/main.py: `MnistCNN`, Adadelta lr 1.0, StepLR gamma 0.7, batch 64, torchvision DataLoader, test after each epoch, until `target` %."
+    """pytorch/examples' mnist/main.py: `MnistCNN`, Adadelta lr 1.0, StepLR gamma 0.7, batch 64, torchvision
+    DataLoader, test after each epoch, until `target` %."""
     start = time.perf_counter()
     seed_everything(seed)
     train_loader = torch.utils.data.DataLoader(data["train_dataset"], batch_size=64, shuffle=True)
@@ -103,7 +109,8 @@ def load_bench_data(device, limit_train: int | None = None, limit_test: int | No
     test_ds = datasets.MNIST(mnist_root(), train=False, download=False, transform=tfm)
     if limit_train is not None: train_ds = torch.utils.data.Subset(train_ds, range(limit_train))
     if limit_test is not None: test_ds = torch.utils.data.Subset(test_ds, range(limit_test))
-    return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, train_dataset=train_ds, test_dataset=test_ds)
+    return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, train_dataset=train_ds,
+                test_dataset=test_ds)
 
 # %% ../nbs/98_bench.ipynb #2ef9be3c
 def time_to_accuracy(evaluations: list[tuple[float, float, float]], target: float = 99.0) -> float:
@@ -121,10 +128,10 @@ def _finite(x): return None if x is None or not math.isfinite(x) else round(x, 3
 def summarize(runs: list[list[tuple[float, float, float]]], target: float = 99.0) -> dict:
     "Medians over runs: first-evaluation time and accuracy, time to `target`, final accuracy, runs that reached it."
     to_target = [time_to_accuracy(r, target) for r in runs]
-    return dict(first_eval_s=_finite(_median(r[0][0] for r in runs)), first_eval_acc=_finite(_median(r[0][2] for r in runs)),
-                time_to_target_s=_finite(_median(to_target)), final_acc=_finite(_median(r[-1][2] for r in runs)),
-                epochs_to_target=_median(r[[i for i, e in enumerate(r) if e[2] >= target][0]][1] for r in runs if any(e[2] >= target for e in r)),
-                runs_reaching_target=sum(math.isfinite(t) for t in to_target), runs=len(runs),
+    return dict(first_eval_s=_finite(_median(r[0][0] for r in runs)),
+                first_eval_acc=_finite(_median(r[0][2] for r in runs)), time_to_target_s=_finite(_median(to_target)),
+                final_acc=_finite(_median(r[-1][2] for r in runs)),
+                epochs_to_target=_median(r[[i for i, e in enumerate(r) if e[2] >= target][0]][1] for r in runs if any(e[2] >= target for e in r)), runs_reaching_target=sum(math.isfinite(t) for t in to_target), runs=len(runs),
                 per_run=[[[round(s, 3), e, round(a, 2)] for s, e, a in r] for r in runs])
 
 @contextlib.contextmanager
@@ -133,11 +140,11 @@ def _quiet():
     with contextlib.redirect_stderr(io.StringIO()): yield
 
 # %% ../nbs/98_bench.ipynb #561011fb
-CLOCK = ("wall-clock seconds from the recipe's first line (data already loaded: tensors on the device, or the torchvision "
-         "dataset object) to the end of the test evaluation that shows the accuracy; includes model construction, any "
-         "preprocessing (our crop and layout change), every training step and every test evaluation the recipe performs "
-         "(ours and fastest public: one, at the end; pytorch/examples: one per epoch); excludes reading the files and one "
-         "untimed warm-up of each recipe on a small slice")
+CLOCK = ("wall-clock seconds from the recipe's first line (data already loaded: tensors on the device, or the "
+         "torchvision dataset object) to the end of the test evaluation that shows the accuracy; includes model "
+         "construction, any preprocessing (our crop and layout change), every training step and every test evaluation "
+         "the recipe performs (ours and fastest public: one, at the end; pytorch/examples: one per epoch); excludes "
+         "reading the files and one untimed warm-up of each recipe on a small slice")
 
 def bench_mnist(runs: int | None = None, examples_runs: int | None = None, device=None, target: float = 99.0,
                 verbose: bool = True) -> dict:
@@ -148,8 +155,9 @@ def bench_mnist(runs: int | None = None, examples_runs: int | None = None, devic
     examples_runs = examples_runs or (1 if fast else min(runs, 3))
     hw = hardware_info(device)
     log = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
-    log(f"bench mnist on {hw['device']} ({hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, "
-        f"load average {hw['load_average_1min_at_start']}); {'FAST mode: tiny budgets, figures meaningless' if fast else 'full mode'}")
+    log(f"bench mnist on {hw['device']} ({hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, load "
+        f"average {hw['load_average_1min_at_start']}); "
+        f"{'FAST mode: tiny budgets, figures meaningless' if fast else 'full mode'}")
     data = load_bench_data(device, *((2048, 1000) if fast else (None, None)))
     warm = load_bench_data(device, 1024, 500)
     ex_limit = 4 if fast else None
@@ -169,7 +177,8 @@ def bench_mnist(runs: int | None = None, examples_runs: int | None = None, devic
             log(f"  run {i + 1}/{runs} {name:30s} {r[-1][0]:7.2f} s  {r[-1][2]:6.2f} %")
     results["examples"] = []
     for i in range(examples_runs):
-        with _quiet(): r = examples_recipe(data, i, device, max_epochs=1 if fast else 14, target=target, limit_batches=ex_limit)
+        with _quiet():
+            r = examples_recipe(data, i, device, max_epochs=1 if fast else 14, target=target, limit_batches=ex_limit)
         results["examples"].append(r)
         log(f"  run {i + 1}/{examples_runs} examples: " + ", ".join(f"epoch {e}: {s:.1f} s {a:.2f} %" for s, e, a in r))
     summary = {name: summarize(r, target) for name, r in results.items()}
@@ -183,13 +192,14 @@ def bench_mnist(runs: int | None = None, examples_runs: int | None = None, devic
         examples_time_to_99_s=ex["time_to_target_s"], examples_epochs_to_99=ex["epochs_to_target"],
         examples_runs_reaching_99=ex["runs_reaching_target"],
         fastest_public_s=pub["first_eval_s"], fastest_public_acc=pub["final_acc"],
-        fastest_public_time_to_99_s=pub["time_to_target_s"], fastest_public_runs_reaching_99=pub["runs_reaching_target"],
+        fastest_public_time_to_99_s=pub["time_to_target_s"],
+        fastest_public_runs_reaching_99=pub["runs_reaching_target"],
         fastest_public_channels_last_s=pub_cl["first_eval_s"], fastest_public_channels_last_acc=pub_cl["final_acc"],
         speedup_vs_fastest_public=ratio(pub["first_eval_s"], ours["time_to_target_s"]),
         speedup_vs_fastest_public_channels_last=ratio(pub_cl["first_eval_s"], ours["time_to_target_s"]),
         speedup_vs_examples_1epoch=ratio(ex["first_eval_s"], ours["time_to_target_s"]),
-        speedup_vs_examples_to_99=ratio(ex["time_to_target_s"], ours["time_to_target_s"]),
-        runs=runs, examples_runs=examples_runs, hardware=hw, recipes=summary,
+        speedup_vs_examples_to_99=ratio(ex["time_to_target_s"], ours["time_to_target_s"]), runs=runs,
+        examples_runs=examples_runs, hardware=hw, recipes=summary,
     )
     try: out["hardware"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError): pass
@@ -210,24 +220,28 @@ def format_bench(res: dict) -> str:
     t_ours = res["ours_time_to_99_s"]
     for name, s in rows:
         t99 = s["time_to_target_s"]
-        vs = "n/a" if t_ours is None else (f"{t99/t_ours:.1f}x" if t99 is not None else (f"{s['first_eval_s']/t_ours:.1f}x*" if s["first_eval_s"] else "n/a"))
+        vs = "n/a" if t_ours is None else (f"{t99/t_ours:.1f}x" if t99 is not None else (
+            f"{s['first_eval_s']/t_ours:.1f}x*" if s["first_eval_s"] else "n/a"))
         lines.append(f"{name:32s} {_fmt(s['first_eval_s']):>10} {_fmt(s['first_eval_acc']):>6} {_fmt(t99):>10} "
                      f"{s['runs_reaching_target']:>3}/{s['runs']:<4} {vs:>8}")
-    lines.append("vs ours: the recipe's time to 99 % over ours (*: it never reached 99 %, so its one-epoch time over ours). "
-                 f"pytorch/examples one epoch: {_fmt(res['examples_1epoch_s'], ' s')} at {_fmt(res['examples_1epoch_acc'], ' %')}.")
+    lines.append(f"vs ours: the recipe's time to 99 % over ours (*: it never reached 99 %, so its one-epoch time over "
+                 f"ours). pytorch/examples one epoch: {_fmt(res['examples_1epoch_s'], ' s')} at "
+                 f"{_fmt(res['examples_1epoch_acc'], ' %')}.")
     return "\n".join(lines)
 
 # %% ../nbs/98_bench.ipynb #b378d337
 def bench_bert(runs: int | None = None, device=None) -> dict:
-    "Chapter 5's pretraining figures and chapter 6's fine-tuning comparison (`runs` seeds per start), with the hardware named."
+    """Chapter 5's pretraining figures and chapter 6's fine-tuning comparison (`runs` seeds per start), with the
+    hardware named."""
     from ptm_course.finetune import HEADS, compare_starts, comparison_table, course_splits
     from ptm_course.text import small_bert_dir
     device = get_device(device)
     fast = is_fast()
     seeds = tuple(range(runs or 1))
     hw = hardware_info(device)
-    print(f"bench bert on {hw['device']} ({hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, load average "
-          f"{hw['load_average_1min_at_start']}); {'FAST mode: tiny budgets, figures meaningless' if fast else 'full mode'}", flush=True)
+    print(f"bench bert on {hw['device']} ({hw['cpu']}, {hw['torch_threads']} threads, torch {hw['torch']}, load "
+          f"average {hw['load_average_1min_at_start']}); "
+          f"{'FAST mode: tiny budgets, figures meaningless' if fast else 'full mode'}", flush=True)
     start = time.perf_counter()
     bert_dir = small_bert_dir(device=device)
     from_cache = time.perf_counter() - start < 0.5*json.loads((bert_dir/"pretraining.json").read_text())["seconds"]
@@ -237,15 +251,18 @@ def bench_bert(runs: int | None = None, device=None) -> dict:
     table = {r["start"]: r for r in comparison_table(results)}
     pct = lambda x: round(100*x, 2)
     out = dict(benchmark="bert", fast_mode=fast, device=str(device),
-               minilm_acc=pct(table["minilm"]["accuracy"]), small_pretrained_acc=pct(table["small_pretrained"]["accuracy"]),
-               small_scratch_acc=pct(table["small_scratch"]["accuracy"]),
-               mlm_val_loss=round(pre["mlm_val_loss"], 4), unigram_val_loss=round(pre["unigram_val_loss"], 4),
-               masked_accuracy=pct(pre["masked_accuracy"]), pretraining_s=round(pre["seconds"], 1),
-               pretraining_tokens_per_s=round(pre["tokens_per_s"]), pretraining_steps=pre["steps"], pretraining_device=pre["device"],
-               pretraining_from_cache=from_cache, seeds=len(seeds), test_reviews=len(splits["test"]),
-               trained_on=results[("minilm", seeds[0])][1]["trained_on"], train_reviews=results[("minilm", seeds[0])][1]["train_reviews"],
+               minilm_acc=pct(table["minilm"]["accuracy"]),
+               small_pretrained_acc=pct(table["small_pretrained"]["accuracy"]),
+               small_scratch_acc=pct(table["small_scratch"]["accuracy"]), mlm_val_loss=round(pre["mlm_val_loss"], 4),
+               unigram_val_loss=round(pre["unigram_val_loss"], 4), masked_accuracy=pct(pre["masked_accuracy"]),
+               pretraining_s=round(pre["seconds"], 1), pretraining_tokens_per_s=round(pre["tokens_per_s"]),
+               pretraining_steps=pre["steps"], pretraining_device=pre["device"], pretraining_from_cache=from_cache,
+               seeds=len(seeds), test_reviews=len(splits["test"]),
+               trained_on=results[("minilm", seeds[0])][1]["trained_on"],
+               train_reviews=results[("minilm", seeds[0])][1]["train_reviews"],
                finetuning={s: dict(accuracy=pct(r["accuracy"]), std=pct(r["std"]), seconds=round(r["seconds"], 1),
-                                   tokens_per_s=round(r["tokens_per_s"]), parameters=r["parameters"], head=HEADS.get(s)) for s, r in table.items()},
+                                   tokens_per_s=round(r["tokens_per_s"]), parameters=r["parameters"],
+                                   head=HEADS.get(s)) for s, r in table.items()},
                hardware=hw)
     try: out["hardware"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError): pass
@@ -253,22 +270,25 @@ def bench_bert(runs: int | None = None, device=None) -> dict:
 
 def format_bench_bert(res: dict) -> str:
     "The table of a `bench_bert` result, as text."
-    lines = [f"Rotten Tomatoes test accuracy ({res['test_reviews']:,} reviews, {res['seeds']} seed(s) per start) on {res['device']} "
-             f"({res['hardware']['cpu']}, {res['hardware']['torch_threads']} threads)"
+    lines = [f"Rotten Tomatoes test accuracy ({res['test_reviews']:,} reviews, {res['seeds']} seed(s) per start) on "
+             f"{res['device']} ({res['hardware']['cpu']}, {res['hardware']['torch_threads']} threads)"
              + (f"; trained on {res['train_reviews']:,} reviews ({' + '.join(res['trained_on'])})" if "train_reviews" in res else ""),
              f"{'start':18s} {'accuracy %':>11} {'fine-tune s':>12} {'tokens/s':>10} {'parameters':>11}"]
     for start, r in res["finetuning"].items():
-        lines.append(f"{start:18s} {r['accuracy']:>7.2f} ± {r['std']:<4.2f} {r['seconds']:>10.0f} {r['tokens_per_s']:>10,} {r['parameters']/1e6:>10.1f}M")
-    lines.append(f"chapter 5 pretraining: held-out masked-LM loss {res['mlm_val_loss']:.3f} vs unigram {res['unigram_val_loss']:.3f}, "
-                 f"{res['pretraining_steps']} steps in {res['pretraining_s']:.0f} s ({res['pretraining_tokens_per_s']:,} tokens/s on "
+        lines.append(f"{start:18s} {r['accuracy']:>7.2f} ± {r['std']:<4.2f} {r['seconds']:>10.0f} "
+                     f"{r['tokens_per_s']:>10,} {r['parameters']/1e6:>10.1f}M")
+    lines.append(f"chapter 5 pretraining: held-out masked-LM loss {res['mlm_val_loss']:.3f} vs unigram "
+                 f"{res['unigram_val_loss']:.3f}, {res['pretraining_steps']} steps in {res['pretraining_s']:.0f} s "
+                 f"({res['pretraining_tokens_per_s']:,} tokens/s on "
                  f"{res['pretraining_device']}{', measured when the cached folder was made' if res['pretraining_from_cache'] else ''})")
     return "\n".join(lines)
 
 # %% ../nbs/98_bench.ipynb #dc28f659
 def _compress_row(method, model_name, parameters, size_mb, lat1, lat64, accuracy, loss) -> dict:
     "One row of the compression table, rounded as it is shown."
-    return dict(model=model_name, method=method, parameters=parameters, size_mb=round(size_mb, 3), latency_b1_ms=round(lat1, 4),
-                latency_b64_ms=round(lat64, 4), accuracy=round(accuracy, 3), output_loss=float(f"{loss:.3g}"))
+    return dict(model=model_name, method=method, parameters=parameters, size_mb=round(size_mb, 3),
+                latency_b1_ms=round(lat1, 4), latency_b64_ms=round(lat64, 4), accuracy=round(accuracy, 3),
+                output_loss=float(f"{loss:.3g}"))
 
 def _compress_cnn_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]:
     "Chapter 7's MNIST CNN, fp32 and compressed every way: the rows, and what the summary needs."
@@ -283,8 +303,9 @@ def _compress_cnn_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]
     def torch_row(method, m):
         m = copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format).eval()
         logits = C.logits_of(m, xte.cpu())
-        return _compress_row(method, "MNIST CNN", count_parameters(m), C.state_size_mb(m), C.torch_latency(m, x1, runs)["p50"],
-                             C.torch_latency(m, x64, runs)["p50"], accuracy(logits, yte.cpu()), C.output_loss(base, logits))
+        return _compress_row(method, "MNIST CNN", count_parameters(m), C.state_size_mb(m),
+                             C.torch_latency(m, x1, runs)["p50"], C.torch_latency(m, x64, runs)["p50"],
+                             accuracy(logits, yte.cpu()), C.output_loss(base, logits))
     rows = [torch_row("fp32, PyTorch eager", cnn_cpu)]
     paths = C.export_cnn(cnn_cpu, work, xtr[:256])
     for kind in ("fp32", "int8"):
@@ -303,14 +324,16 @@ def _compress_cnn_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]
     rows.append(torch_row("50 % of channels (structured), retrained", slim))
     seeds = fast_or_full((0,), (0, 1, 2))
     students = C.mnist_students(cnn, xtr, ytr, seeds, device=device)
-    kd_accs = {name: [evaluate_accuracy(students[(name, seed)], xte, yte) for seed in seeds] for name in ("alone", "taught")}
+    kd_accs = {
+        name: [evaluate_accuracy(students[(name, seed)], xte, yte) for seed in seeds] for name in ("alone", "taught")}
     for name in ("alone", "taught"):
         label = f"MLP student, {name}" + (" (distilled)" if name == "taught" else "") + f", seed {seeds[0]}"
         rows.append(torch_row(label, students[(name, seeds[0])]))
     return rows, dict(prune_rows=prune_rows, kd_accs=kd_accs, seeds=seeds)
 
 def _compress_minilm_rows(runs: int, work: Path, device) -> tuple[list[dict], dict]:
-    "Chapter 6's fine-tuned MiniLM, fp32, int8 three ways, and its distilled students: the rows and the students' accuracy."
+    """Chapter 6's fine-tuned MiniLM, fp32, int8 three ways, and its distilled students: the rows and the
+    students' accuracy."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from ptm_course import compress as C
     from ptm_course.finetune import course_splits
@@ -329,7 +352,8 @@ def _compress_minilm_rows(runs: int, work: Path, device) -> tuple[list[dict], di
         logits = C.text_logits_torch(m, batches)
         size = sum(p.numel()*p.element_size() for p in m.state_dict().values())/1e6
         as_tensors = lambda feed: {k: torch.from_numpy(v) for k, v in feed.items()}
-        return _compress_row(method, "MiniLM", count_parameters(m), size, C.torch_latency(m, as_tensors(one), truns)["p50"],
+        return _compress_row(method, "MiniLM", count_parameters(m), size,
+                             C.torch_latency(m, as_tensors(one), truns)["p50"],
                              C.torch_latency(m, as_tensors(many), truns)["p50"], accuracy(logits, labels),
                              C.output_loss(base, logits))
     rows = [torch_row("fp32, PyTorch eager", minilm)]
@@ -339,8 +363,9 @@ def _compress_minilm_rows(runs: int, work: Path, device) -> tuple[list[dict], di
         s = C.ort_session(paths[kind])
         logits = C.text_logits_onnx(s, batches)
         rows.append(_compress_row(f"{kind}, ONNX Runtime" + (" (dynamic)" if kind.startswith("int8") else ""), "MiniLM",
-                                  count_parameters(minilm), C.file_size_mb(paths[kind]), C.ort_latency(s, one, truns)["p50"],
-                                  C.ort_latency(s, many, truns)["p50"], accuracy(logits, labels), C.output_loss(base, logits)))
+                                  count_parameters(minilm), C.file_size_mb(paths[kind]),
+                                  C.ort_latency(s, one, truns)["p50"], C.ort_latency(s, many, truns)["p50"],
+                                  accuracy(logits, labels), C.output_loss(base, logits)))
     students_acc = {}
     for name, (student_dir, _) in C.text_students(folder, device=device).items():
         student = AutoModelForSequenceClassification.from_pretrained(student_dir, local_files_only=True)
@@ -364,7 +389,8 @@ def _compress_summary(rows: list[dict], cnn: dict, text_students_acc: dict) -> d
         minilm_fp32_acc=m_fp32["accuracy"], minilm_int8_acc=m_int8["accuracy"],
         minilm_int8_size_ratio=round(m_fp32["size_mb"]/m_int8["size_mb"], 3),
         minilm_int8_fp32_embeddings_acc=by[("MiniLM", "int8, embeddings fp32, ONNX Runtime (dynamic)")]["accuracy"],
-        minilm_int8_per_tensor_embeddings_acc=by[("MiniLM", "int8, embeddings per tensor, ONNX Runtime (dynamic)")]["accuracy"],
+        minilm_int8_per_tensor_embeddings_acc=by[("MiniLM",
+                                                  "int8, embeddings per tensor, ONNX Runtime (dynamic)")]["accuracy"],
         minilm_int8_speedup_b1=round(m_fp32["latency_b1_ms"]/m_int8["latency_b1_ms"], 3),
         minilm_int8_speedup_b64=round(m_fp32["latency_b64_ms"]/m_int8["latency_b64_ms"], 3),
         cnn_pruned90_acc=round(row90["accuracy_retrained"], 3), cnn_pruning_schedule=prune_rows,
@@ -416,47 +442,76 @@ def bench_trust(runs: int | None = None, device=None) -> dict:
     splits, tokenizer = course_splits(), load_tokenizer()
     probe_train = splits["train"][:fast_or_full(256, 3000)]
     encoder = load_encoder(device=device)
-    scores = trust.probe_layers(trust.layer_features(encoder, tokenizer, [r.text for r in probe_train]), [r.label for r in probe_train],
-                                trust.layer_features(encoder, tokenizer, [r.text for r in splits["validation"]]), [r.label for r in splits["validation"]])
-    minilm = AutoModelForSequenceClassification.from_pretrained(trust.trust_minilm_dir(device), local_files_only=True).to(device).eval()
+    scores = trust.probe_layers(trust.layer_features(encoder, tokenizer, [r.text for r in probe_train]),
+                                [r.label for r in probe_train],
+                                trust.layer_features(encoder, tokenizer, [r.text for r in splits["validation"]]),
+                                [r.label for r in splits["validation"]])
+    minilm = AutoModelForSequenceClassification.from_pretrained(trust.trust_minilm_dir(device),
+                                                                local_files_only=True).to(device).eval()
     def p_fresh(texts): return trust.review_logits(minilm, tokenizer, texts).softmax(-1)[:, 1].numpy()
-    checklist = trust.run_checklist(p_fresh, trust.checklist_tests([r.text for r in splits["test"][:fast_or_full(64, 300)]]))
+    checklist = trust.run_checklist(p_fresh,
+                                    trust.checklist_tests([r.text for r in splits["test"][:fast_or_full(64, 300)]]))
     cnn_logits, labels, half = logits_of(cnn, x_test).float().cpu(), y_test.cpu(), len(y_test)//2
     review_labels = {k: torch.tensor([r.label for r in splits[k]]) for k in ("validation", "test")}
-    calibration = {"mnist_cnn": trust.temperature_report(cnn_logits[:half], labels[:half], cnn_logits[half:], labels[half:]),
-                   "minilm_reviews": trust.temperature_report(trust.review_logits(minilm, tokenizer, [r.text for r in splits["validation"]]), review_labels["validation"],
-                                                              trust.review_logits(minilm, tokenizer, [r.text for r in splits["test"]]), review_labels["test"])}
+    calibration = {"mnist_cnn": trust.temperature_report(cnn_logits[:half], labels[:half], cnn_logits[half:],
+                                                         labels[half:]),
+                   "minilm_reviews":
+                       trust.temperature_report(trust.review_logits(minilm, tokenizer,
+                                                                    [r.text for r in splits["validation"]]),
+                                                                    review_labels["validation"],
+                                                              trust.review_logits(minilm, tokenizer,
+                                                                                  [r.text for r in splits["test"]]),
+                                                                                  review_labels["test"])}
     autoencoder, _ = cached_autoencoder(x_train, epochs=fast_or_full(1, 3), device=device, eval_images=x_test[:1000])
     digits = trust.uci_digits()
     (xd, yd), (xt, yt) = digits["train"], digits["test"]
-    transfer = trust.digits_transfer(autoencoder, xd.to(device), yd.to(device), xt.to(device), yt.to(device), per_class=(10,),
-                                     seeds=fast_or_full((0, 1), (0, 1, 2)), device=device, **trust.TRANSFER_RECIPES["fast" if is_fast() else "full"])
+    transfer = trust.digits_transfer(autoencoder, xd.to(device), yd.to(device), xt.to(device), yt.to(device),
+                                     per_class=(10,), seeds=fast_or_full((0, 1), (0, 1, 2)), device=device,
+                                     **trust.TRANSFER_RECIPES["fast" if is_fast() else "full"])
     gain = trust.transfer_table(transfer)[0]
     return dict(mnist_ig_completeness_error=round(ig["completeness_by_hand"].max().item(), 5),
-                mnist_ig_captum_max_relative_difference=float(f"{ig['max_relative_difference']:.3g}"), mnist_ig_steps=64, mnist_ig_images=len(examples),
-                probe_best_layer=max(range(len(scores)), key=scores.__getitem__), probe_valid_accuracy=[round(s, 4) for s in scores], probe_train_reviews=len(probe_train),
-                checklist_failure_rates={r["test"]: round(r["failure_rate"], 4) for r in checklist}, checklist_cases={r["test"]: r["cases"] for r in checklist},
-                ece_before={k: round(v["ece_before"], 5) for k, v in calibration.items()}, ece_after={k: round(v["ece_after"], 5) for k, v in calibration.items()},
+                mnist_ig_captum_max_relative_difference=float(f"{ig['max_relative_difference']:.3g}"),
+                mnist_ig_steps=64, mnist_ig_images=len(examples),
+                probe_best_layer=max(range(len(scores)), key=scores.__getitem__),
+                probe_valid_accuracy=[round(s, 4) for s in scores], probe_train_reviews=len(probe_train),
+                checklist_failure_rates={r["test"]: round(r["failure_rate"], 4) for r in checklist},
+                checklist_cases={r["test"]: r["cases"] for r in checklist},
+                ece_before={k: round(v["ece_before"], 5) for k, v in calibration.items()},
+                ece_after={k: round(v["ece_after"], 5) for k, v in calibration.items()},
                 temperature={k: round(v["temperature"], 4) for k, v in calibration.items()},
-                transfer_digits_gain_10_labels=round(gain["gain"], 2), transfer_digits_10_labels={k: round(gain[k], 2) for k in ("pretrained", "pretrained_std", "scratch", "scratch_std")},
-                transfer_digits_seeds=gain["seeds"], mode="fast" if is_fast() else "full", seconds=round(time.perf_counter() - start, 1), **hardware)
+                transfer_digits_gain_10_labels=round(gain["gain"], 2),
+                transfer_digits_10_labels={k: round(gain[k], 2) for k in ("pretrained", "pretrained_std", "scratch",
+                                                                          "scratch_std")},
+                                                                          transfer_digits_seeds=gain["seeds"],
+                                                                          mode="fast" if is_fast() else "full",
+                                                                          seconds=round(time.perf_counter() - start, 1),
+                                                                          **hardware)
 
 def format_trust(res: dict) -> str:
     "The trust benchmark as Markdown: one line per headline number, the CheckList rates as a table."
-    lines = [f"- integrated gradients on the MNIST CNN: completeness error {100*res['mnist_ig_completeness_error']:.2f} % (largest of {res['mnist_ig_images']} images, "
+    lines = [f"- integrated gradients on the MNIST CNN: completeness error "
+             f"{100*res['mnist_ig_completeness_error']:.2f} % (largest of {res['mnist_ig_images']} images, "
              f"{res['mnist_ig_steps']} steps); by hand vs Captum: {res['mnist_ig_captum_max_relative_difference']:.1e}",
-             f"- best probe layer of the pretrained MiniLM: {res['probe_best_layer']} ({100*max(res['probe_valid_accuracy']):.1f} % on validation)",
-             *(f"- ECE of {k}: {100*res['ece_before'][k]:.2f} % → {100*res['ece_after'][k]:.2f} % (T = {res['temperature'][k]:.3f})" for k in res["ece_before"]),
-             f"- UCI digits, 10 labels per class: MNIST-pretrained {res['transfer_digits_10_labels']['pretrained']:.1f} ± {res['transfer_digits_10_labels']['pretrained_std']:.1f} %, "
-             f"from scratch {res['transfer_digits_10_labels']['scratch']:.1f} ± {res['transfer_digits_10_labels']['scratch_std']:.1f} % ({res['transfer_digits_gain_10_labels']:+.1f} points)",
+             f"- best probe layer of the pretrained MiniLM: {res['probe_best_layer']} "
+             f"({100*max(res['probe_valid_accuracy']):.1f} % on validation)",
+             *(f"- ECE of {k}: {100*res['ece_before'][k]:.2f} % → {100*res['ece_after'][k]:.2f} % (T = "
+               f"{res['temperature'][k]:.3f})" for k in res["ece_before"]),
+             f"- UCI digits, 10 labels per class: MNIST-pretrained "
+             f"{res['transfer_digits_10_labels']['pretrained']:.1f} ± "
+             f"{res['transfer_digits_10_labels']['pretrained_std']:.1f} %, from scratch "
+             f"{res['transfer_digits_10_labels']['scratch']:.1f} ± "
+             f"{res['transfer_digits_10_labels']['scratch_std']:.1f} % ({res['transfer_digits_gain_10_labels']:+.1f} "
+             f"points)",
              "", "| CheckList test | cases | failure rate |", "|---|---:|---:|",
-             *(f"| {t} | {res['checklist_cases'][t]} | {100*r:.1f} % |" for t, r in res["checklist_failure_rates"].items()),
+             *(
+                 f"| {t} | {res['checklist_cases'][t]} | {100*r:.1f} % |" for t, r in res["checklist_failure_rates"].items()),
              f"\n{res['mode']} mode, {res['device']}, {res['seconds']:.0f} s"]
     return "\n".join(lines)
 
 # %% ../nbs/98_bench.ipynb #e6f9b468
 def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) -> int:
-    "Run benchmark `name` ('mnist', 'bert', 'compress', 'deploy' or 'trust'), print its table and, last, one JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."
+    """Run benchmark `name` ('mnist', 'bert', 'compress', 'deploy' or 'trust'), print its table and, last, one
+    JSON line; write the JSON to `json_path` (default: the user cache). Returns an exit code."""
     def show_compress(res):
         from ptm_course.compress import format_compress
         return format_compress(res)
@@ -466,8 +521,10 @@ def bench_cli(name: str, json_path: str | None = None, runs: int | None = None) 
     def show_deploy(res):
         from ptm_course.deploy import format_deploy
         return format_deploy(res)
-    known = {"mnist": (bench_mnist, format_bench, ("recipes", "clock")), "bert": (lambda runs: bench_bert(runs=runs), format_bench_bert, ("finetuning",)),
-             "compress": (bench_compress, show_compress, ("rows", "cnn_pruning_schedule")),
+    known = {"mnist": (bench_mnist, format_bench, ("recipes", "clock")),
+             "bert":
+                 (lambda runs: bench_bert(runs=runs), format_bench_bert, ("finetuning",)),
+                 "compress": (bench_compress, show_compress, ("rows", "cnn_pruning_schedule")),
              "deploy": (deploy, show_deploy, ("latency_rows", "serve_statuses")),
              "trust": (bench_trust, format_trust, ("checklist_cases",))}
     if name not in known:

@@ -21,12 +21,14 @@ __all__ = ['doctor_checks', 'doctor', 'main']
 
 # %% ../nbs/99_cli.ipynb #00a8c75a
 def _check_python():
-    if sys.version_info < (3, 10): raise RuntimeError(f"Python {platform.python_version()} is too old: the course needs 3.10 or newer.")
+    if sys.version_info < (3, 10):
+        raise RuntimeError(f"Python {platform.python_version()} is too old: the course needs 3.10 or newer.")
     return f"Python {platform.python_version()} ({sys.executable})"
 
 def _check_torch():
     x = torch.arange(6.).reshape(2, 3)  # [[0, 1, 2], [3, 4, 5]]
-    if (x @ x.T).tolist() != [[5., 14.], [14., 50.]]: raise RuntimeError(f"x @ x.T gave {(x @ x.T).tolist()}, expected [[5, 14], [14, 50]]")
+    if (x @ x.T).tolist() != [[5., 14.], [14., 50.]]:
+        raise RuntimeError(f"x @ x.T gave {(x @ x.T).tolist()}, expected [[5, 14], [14, 50]]")
     return f"torch {torch.__version__} (threads: {torch.get_num_threads()})"
 
 def _check_cuda():
@@ -79,7 +81,8 @@ def doctor_checks() -> list[tuple[str, callable]]:
         checks.append(("checksums", _missing_list))
         names = []
     for name in names:
-        checks.append((f"data:{name}", lambda name=name: f"{name}: sha256 ok ({data.bundled_file(name, force=True).stat().st_size:,} bytes)"))
+        checks.append((f"data:{name}",
+                       lambda name=name: f"{name}: sha256 ok ({data.bundled_file(name, force=True).stat().st_size:,} bytes)"))
     checks += [("mnist", lambda: f"MNIST decompressed and md5-checked in {data.mnist_root()}"),
                ("model", _check_model), ("device", _check_device)]
     return checks
@@ -104,32 +107,52 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true", help="print a traceback for each failed check")
     g = sub.add_parser("grade", help="grade exercise notebooks: a score per exercise, for one learner or a class")
     g.add_argument("paths", nargs="+", metavar="PATH", help="notebooks, or folders of notebooks, to grade")
-    g.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON (a list, one object per notebook)")
-    g.add_argument("--csv", dest="csv_path", metavar="FILE", help="write a gradebook CSV: one row per student, points and status per exercise")
-    g.add_argument("--canvas", dest="canvas_path", metavar="FILE", help="write a Canvas gradebook import (Student, ID, SIS User ID, SIS Login ID, Section, points)")
-    g.add_argument("--id-pattern", metavar="REGEX", help="how to read the student id from a path: a regular expression with a group (?P<id>...) (default: Canvas download names, name_12345_...)")
-    g.add_argument("--assignment", metavar="NAME", help="the assignment column of --canvas (default: the reference's name)")
+    g.add_argument("--json", dest="json_path", metavar="FILE",
+                   help="write the results as JSON (a list, one object per notebook)")
+    g.add_argument("--csv", dest="csv_path", metavar="FILE",
+                   help="write a gradebook CSV: one row per student, points and status per exercise")
+    g.add_argument("--canvas", dest="canvas_path", metavar="FILE",
+                   help="write a Canvas gradebook import (Student, ID, SIS User ID, SIS Login ID, Section, points)")
+    g.add_argument("--id-pattern", metavar="REGEX", help="how to read the student id from a path: a regular "
+                                                         "expression with a group (?P<id>...) (default: Canvas "
+                                                         "download names, name_12345_...)")
+    g.add_argument("--assignment", metavar="NAME",
+                   help="the assignment column of --canvas (default: the reference's name)")
     g.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="time limit per exercise (default: 60)")
-    g.add_argument("--reference", metavar="SOLUTION", help="the solution notebook, or a folder of them, to grade against (default: the course's exercises/solutions/)")
+    g.add_argument("--reference", metavar="SOLUTION", help="the solution notebook, or a folder of them, to grade "
+                                                           "against (default: the course's exercises/solutions/)")
     g.add_argument("--seed", type=int, metavar="N", help="the checks' random seed (default: a new one per submission)")
     e = sub.add_parser("exercises", help="write the student notebooks from exercises/solutions/")
     e.add_argument("--check", action="store_true", help="write nothing; exit 1 if a student notebook is stale")
     b = sub.add_parser("bench", help="run a benchmark and write its measured figures as JSON (hardware named)")
     b.add_argument("name", choices=["mnist", "bert", "compress", "deploy", "trust"], help="which benchmark")
-    b.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default: chosen by the benchmark)")
-    b.add_argument("--runs", type=int, metavar="N", help="repetitions per measurement (default: chosen by the benchmark)")
-    s = sub.add_parser("serve", help="serve digit classification and review sentiment over HTTP, with a page to try them")
-    s.add_argument("--models", metavar="DIR", help="a model folder (from the tour or `build_bundle`; default: the course's, built when missing)")
-    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
+    b.add_argument("--json", dest="json_path", metavar="FILE",
+                   help="where to write the results (default: chosen by the benchmark)")
+    b.add_argument("--runs", type=int, metavar="N",
+                   help="repetitions per measurement (default: chosen by the benchmark)")
+    s = sub.add_parser("serve",
+                       help="serve digit classification and review sentiment over HTTP, with a page to try them")
+    s.add_argument("--models", metavar="DIR",
+                   help="a model folder (from the tour or `build_bundle`; default: the course's, built when missing)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
-    s.add_argument("--precision", choices=["int8", "fp32"], default="int8", help="which of the folder's files to serve (default: int8)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
-    s.add_argument("--header-timeout", type=float, default=10, metavar="S", help="a request's headers must arrive within S seconds (default: 10)")
-    s.add_argument("--body-timeout", type=float, default=15, metavar="S", help="a request's body must arrive within S seconds (default: 15)")
-    s.add_argument("--keep-alive", type=float, default=5, metavar="S", help="idle keep-alive connections are closed after S seconds (default: 5)")
-    s.add_argument("--max-connections", type=int, default=200, metavar="N", help="open connections beyond N are refused (default: 200)")
-    s.add_argument("--workers", type=int, default=2, metavar="N", help="threads that decode images and run the models (default: 2)")
-    t = sub.add_parser("tour", help="the course end to end on MNIST: pretrain, fine-tune, compress, export, benchmark, report")
+    s.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+                   help="which of the folder's files to serve (default: int8)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    s.add_argument("--header-timeout", type=float, default=10, metavar="S",
+                   help="a request's headers must arrive within S seconds (default: 10)")
+    s.add_argument("--body-timeout", type=float, default=15, metavar="S",
+                   help="a request's body must arrive within S seconds (default: 15)")
+    s.add_argument("--keep-alive", type=float, default=5, metavar="S",
+                   help="idle keep-alive connections are closed after S seconds (default: 5)")
+    s.add_argument("--max-connections", type=int, default=200, metavar="N",
+                   help="open connections beyond N are refused (default: 200)")
+    s.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="threads that decode images and run the models (default: 2)")
+    t = sub.add_parser("tour",
+                       help="the course end to end on MNIST: pretrain, fine-tune, compress, export, benchmark, report")
     t.add_argument("--out", metavar="DIR", help="where to write the report and models (default: ./ptm-course-tour)")
     t.add_argument("--fast", action="store_true", help="a tiny run in seconds (a smoke test, not results)")
     sub.add_parser("pretrain-bert", add_help=False,

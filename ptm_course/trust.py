@@ -39,11 +39,14 @@ def _baseline_like(x: torch.Tensor, baseline) -> torch.Tensor:
     if baseline is None: return torch.zeros_like(x)
     b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     try: return b.expand_as(x).clone()
-    except RuntimeError: raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to the input's {tuple(x.shape)}: "
-                                          "pass one baseline per input, or one that broadcasts (a number, or one image).") from None
+    except RuntimeError: raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to the input's "
+                                          f"{tuple(x.shape)}: pass one baseline per input, or one that broadcasts (a "
+                                          f"number, or one image).") from None
 
 def integrated_gradients(forward, x: torch.Tensor, target=0, baseline=None, steps: int = 64) -> torch.Tensor:
-    "Integrated gradients by hand: (x − x′) times the mean gradient of `forward(·)[:, target]` at the midpoints x′ + (k + ½)/steps · (x − x′), k = 0..steps−1 (Captum's 'riemann_middle'). Defined in chapter 10."
+    """Integrated gradients by hand: (x − x′) times the mean gradient of `forward(·)[:, target]` at the
+    midpoints x′ + (k + ½)/steps · (x − x′), k = 0..steps−1 (Captum's 'riemann_middle').
+    Defined in chapter 10."""
     if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     x = x.detach()
     baseline = _baseline_like(x, baseline)
@@ -54,26 +57,32 @@ def integrated_gradients(forward, x: torch.Tensor, target=0, baseline=None, step
     return (x - baseline)*total/steps
 
 def saliency(forward, x: torch.Tensor, target=0) -> torch.Tensor:
-    "The plain gradient map |∂F_target/∂x|: how much each input value moves the target logit, locally. Defined in chapter 10."
+    """The plain gradient map |∂F_target/∂x|: how much each input value moves the target logit, locally.
+
+    Defined in chapter 10."""
     x = x.detach().requires_grad_(True)
     return torch.autograd.grad(_pick(forward(x), target).sum(), x)[0].abs()
 
 @torch.no_grad()
 def completeness_error(attributions: torch.Tensor, forward, x: torch.Tensor, target=0, baseline=None) -> torch.Tensor:
-    "Per example, |Σ attributions − (F(x) − F(x′))| / |F(x) − F(x′)|: how far the attributions are from adding up to the logit difference. Defined in chapter 10."
+    """Per example, |Σ attributions − (F(x) − F(x′))| / |F(x) − F(x′)|: how far the attributions are from adding
+    up to the logit difference. Defined in chapter 10."""
     baseline = _baseline_like(x, baseline)
     gap = _pick(forward(x), target) - _pick(forward(baseline), target)
     return (attributions.flatten(1).sum(1) - gap).abs()/gap.abs().clamp(min=1e-12)
 
 # %% ../nbs/10_trust.ipynb #9faf0967
 def check_integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=None, steps: int = 64) -> dict:
-    "IG of `model` on the images `x` by hand and with Captum (same baseline, steps and midpoint rule): both maps, their largest relative difference ‖a − b‖/‖b‖, and each one's completeness error. Defined in chapter 10."
+    """IG of `model` on the images `x` by hand and with Captum (same baseline, steps and midpoint rule): both
+    maps, their largest relative difference ‖a − b‖/‖b‖, and each one's completeness error.
+    Defined in chapter 10."""
     from captum.attr import IntegratedGradients
     model.eval()
     baseline = _baseline_like(x, baseline)
     by_hand = integrated_gradients(model, x, target, baseline, steps)
     target_list = target if isinstance(target, int) else torch.as_tensor(target).tolist()
-    captum = IntegratedGradients(model).attribute(x, baselines=baseline, target=target_list, n_steps=steps, method="riemann_middle").detach()
+    captum = IntegratedGradients(model).attribute(x, baselines=baseline, target=target_list, n_steps=steps,
+                                                  method="riemann_middle").detach()
     diff = ((by_hand - captum).flatten(1).norm(dim=1)/captum.flatten(1).norm(dim=1).clamp(min=1e-12)).max().item()
     return dict(by_hand=by_hand, captum=captum, max_relative_difference=diff,
                 completeness_by_hand=completeness_error(by_hand, model, x, target, baseline),
@@ -81,24 +90,27 @@ def check_integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseli
 
 # %% ../nbs/10_trust.ipynb #aa1968d3
 def trust_minilm_dir(device=None):
-    "A MiniLM fine-tuned with chapter 6's recipe on the train split only (validation stays unseen, for temperature scaling), cached per mode; fine-tuned now if missing. Defined in chapter 10."
+    """A MiniLM fine-tuned with chapter 6's recipe on the train split only (validation stays unseen, for
+    temperature scaling), cached per mode; fine-tuned now if missing. Defined in chapter 10."""
     from ptm_course.data import load_tokenizer
     from ptm_course.finetune import classifier_from, course_recipe, course_splits, finetune_classifier
     folder = cache_dir("trust")/f"minilm_reviews_train_only_{'fast' if is_fast() else 'full'}"
     if (folder/"config.json").exists(): return folder
     recipe = {**course_recipe("minilm"), "train_on": ("train",)}
-    finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), course_splits(), seed=0, device=device, output_dir=folder,
-                        desc="fine-tune MiniLM (train split only)", **recipe)
+    finetune_classifier(classifier_from("minilm", seed=0), load_tokenizer(), course_splits(), seed=0, device=device,
+                        output_dir=folder, desc="fine-tune MiniLM (train split only)", **recipe)
     return folder
 
 @torch.no_grad()
-def review_logits(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 64) -> torch.Tensor:
+def review_logits(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 64,
+                  max_length: int = 64) -> torch.Tensor:
     "The classifier's logits (N, 2) for `texts`, on the CPU."
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
         out.append(model(**enc).logits.float().cpu())
     if not out: raise ValueError("No texts: the list is empty.")
     return torch.cat(out)
@@ -117,14 +129,18 @@ def _embeddings_of(model: nn.Module) -> nn.Module:
     "The input-embedding block of a BERT-style classifier (`model.bert.embeddings`)."
     return _embeddings_owner(model).embeddings
 
-def token_attributions(model: nn.Module, tokenizer, text: str, target: int = 1, steps: int = 32, max_length: int = 64) -> dict:
-    "Integrated gradients of the `target` logit over the output of the embedding block (Captum's `LayerIntegratedGradients`), summed over the hidden dimension: one score per token. Baseline: the same tokens with every word replaced by [PAD]. Defined in chapter 10."
+def token_attributions(model: nn.Module, tokenizer, text: str, target: int = 1, steps: int = 32,
+                       max_length: int = 64) -> dict:
+    """Integrated gradients of the `target` logit over the output of the embedding block (Captum's
+    `LayerIntegratedGradients`), summed over the hidden dimension: one score per token. Baseline: the same
+    tokens with every word replaced by [PAD]. Defined in chapter 10."""
     from captum.attr import LayerIntegratedGradients
     model.eval()
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    special = torch.tensor(tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True), device=device).bool()
+    special = torch.tensor(tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True),
+                           device=device).bool()
     baseline = torch.where(special, ids[0], torch.full_like(ids[0], tokenizer.pad_token_id)).unsqueeze(0)
     forward = lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask).logits
     lig = LayerIntegratedGradients(forward, _embeddings_of(model))
@@ -134,10 +150,12 @@ def token_attributions(model: nn.Module, tokenizer, text: str, target: int = 1, 
         logits = forward(ids, mask)
         gap = (logits[0, target] - forward(baseline, mask)[0, target]).item()
     return dict(tokens=tokenizer.convert_ids_to_tokens(ids[0].tolist()), scores=attr.sum(-1)[0].detach().cpu(),
-                p_target=logits.softmax(-1)[0, target].item(), logit_gap=gap, completeness_error=abs(delta.item())/max(abs(gap), 1e-12))
+                p_target=logits.softmax(-1)[0, target].item(), logit_gap=gap,
+                completeness_error=abs(delta.item())/max(abs(gap), 1e-12))
 
 def tokens_html(tokens: list[str], scores, label: str = "") -> str:
-    "Tokens as HTML, each on a background green (pushes towards the target) or red (away from it), stronger for larger |score|."
+    """Tokens as HTML, each on a background green (pushes towards the target) or red (away from it), stronger
+    for larger |score|."""
     scores = torch.as_tensor(scores, dtype=torch.float32)
     scale = scores.abs().max().clamp(min=1e-12).item()
     spans = []
@@ -145,13 +163,17 @@ def tokens_html(tokens: list[str], scores, label: str = "") -> str:
         a = min(abs(s)/scale, 1.0)
         color = f"rgba(0, 150, 0, {a:.2f})" if s > 0 else f"rgba(210, 0, 0, {a:.2f})"
         tok = tok.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        spans.append(f'<span style="background:{color};padding:1px 3px;margin:1px;border-radius:3px" title="{s:+.3f}">{tok}</span>')
+        spans.append(f'<span style="background:{color};padding:1px 3px;margin:1px;border-radius:3px" '
+                     f'title="{s:+.3f}">{tok}</span>')
     return f'<div style="line-height:2;font-family:monospace">{label}{" ".join(spans)}</div>'
 
 # %% ../nbs/10_trust.ipynb #355b9b00
 @torch.no_grad()
-def attention_map(model: nn.Module, tokenizer, text: str, layer: int, head: int, max_length: int = 64) -> tuple[list[str], torch.Tensor]:
-    "The (tokens × tokens) attention weights of one head of one layer for `text` (row i: where token i looks), read from the classifier's encoder (`model.bert`) run with eager attention, which returns them. Defined in chapter 10."
+def attention_map(model: nn.Module, tokenizer, text: str, layer: int, head: int,
+                  max_length: int = 64) -> tuple[list[str], torch.Tensor]:
+    """The (tokens × tokens) attention weights of one head of one layer for `text` (row i: where token i looks),
+    read from the classifier's encoder (`model.bert`) run with eager attention, which returns them.
+    Defined in chapter 10."""
     encoder = _embeddings_owner(model)
     previous = encoder.config._attn_implementation
     encoder.set_attn_implementation("eager")
@@ -161,9 +183,11 @@ def attention_map(model: nn.Module, tokenizer, text: str, layer: int, head: int,
         enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
         attentions = encoder(**enc, output_attentions=True).attentions
     finally: encoder.set_attn_implementation(previous)
-    if not attentions: raise RuntimeError("The encoder returned no attention weights; load it with attn_implementation='eager'.")
+    if not attentions:
+        raise RuntimeError("The encoder returned no attention weights; load it with attn_implementation='eager'.")
     if not (0 <= layer < len(attentions) and 0 <= head < attentions[0].shape[1]):
-        raise ValueError(f"layer must be in 0..{len(attentions) - 1} and head in 0..{attentions[0].shape[1] - 1}, got {layer}, {head}.")
+        raise ValueError(f"layer must be in 0..{len(attentions) - 1} and head in 0..{attentions[0].shape[1] - 1}, "
+                         f"got {layer}, {head}.")
     return tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist()), attentions[layer][0, head].float().cpu()
 
 def plot_attention(tokens: list[str], weights: torch.Tensor, title: str = "", ax=None):
@@ -171,33 +195,40 @@ def plot_attention(tokens: list[str], weights: torch.Tensor, title: str = "", ax
     import matplotlib.pyplot as plt
     ax = ax or plt.gca()
     ax.imshow(weights.numpy(), cmap="Blues", vmin=0)
-    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=8); ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=8); ax.set_yticks(range(len(tokens)), tokens,
+                                                                                      fontsize=8)
     ax.set(xlabel="attends to", ylabel="token", title=title)
     return ax
 
 # %% ../nbs/10_trust.ipynb #486a8c2d
 @torch.no_grad()
-def layer_features(encoder: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 64) -> list[np.ndarray]:
-    "Mean-pooled hidden states of every layer of a BERT encoder (the embeddings, then each block): one (texts, hidden) array per layer. Defined in chapter 10."
+def layer_features(encoder: nn.Module, tokenizer, texts: list[str], batch_size: int = 64,
+                   max_length: int = 64) -> list[np.ndarray]:
+    """Mean-pooled hidden states of every layer of a BERT encoder (the embeddings, then each block): one (texts,
+    hidden) array per layer. Defined in chapter 10."""
     from ptm_course.core import progress
     from ptm_course.finetune import mean_pool
     encoder.eval()
     device = next(encoder.parameters()).device
     per_layer = None
     for i in progress(range(0, len(texts), batch_size), desc="hidden states"):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
         hidden = encoder(**enc, output_hidden_states=True).hidden_states
         pooled = [mean_pool(h.float(), enc["attention_mask"]).cpu().numpy() for h in hidden]
         per_layer = [[p] for p in pooled] if per_layer is None else [acc + [p] for acc, p in zip(per_layer, pooled)]
     if per_layer is None: raise ValueError("No texts to encode: the list is empty.")
     return [np.concatenate(p) for p in per_layer]
 
-def probe_layers(train_features: list[np.ndarray], train_labels, valid_features: list[np.ndarray], valid_labels, C: float = 1.0) -> list[float]:
-    "A logistic-regression probe per layer (standardized features, scikit-learn), fitted on train and scored on validation: accuracies, one per layer. Defined in chapter 10."
+def probe_layers(train_features: list[np.ndarray], train_labels, valid_features: list[np.ndarray], valid_labels,
+                 C: float = 1.0) -> list[float]:
+    """A logistic-regression probe per layer (standardized features, scikit-learn), fitted on train and scored
+    on validation: accuracies, one per layer. Defined in chapter 10."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    if len(train_features) != len(valid_features): raise ValueError("train_features and valid_features must have one array per layer each.")
+    if len(train_features) != len(valid_features):
+        raise ValueError("train_features and valid_features must have one array per layer each.")
     scores = []
     for tr, va in zip(train_features, valid_features):
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
@@ -213,7 +244,8 @@ PLACES = ("Paris", "Chicago", "Lagos", "Mumbai", "Lima", "Oslo", "Seoul", "Cairo
 NEGATIVE_CLAUSES = ("but the ending was a mess", "but I was bored by the end", "but the acting was awful")
 
 def add_typo(text: str, rng: random.Random) -> str:
-    "`text` with two neighbouring letters swapped in one word of four or more letters, chosen with `rng` (unchanged if it has none)."
+    """`text` with two neighbouring letters swapped in one word of four or more letters, chosen with `rng`
+    (unchanged if it has none)."""
     words = text.split(" ")
     candidates = [i for i, w in enumerate(words) if len(re.sub(r"[^A-Za-z]", "", w)) >= 4 and w.isalpha()]
     if not candidates: return text
@@ -224,13 +256,20 @@ def add_typo(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 def checklist_tests(reviews: list[str] | None = None, seed: int = 0) -> dict[str, dict]:
-    "CheckList-style tests (Ribeiro et al., 2020) built from the templates above, the same on every run: minimum functionality (MFT: text, label), invariance (INV: the label must not change) and directional (DIR: p(fresh) must not go up); typos and negative clauses also on `reviews` when given. Defined in chapter 10."
+    """CheckList-style tests (Ribeiro et al., 2020) built from the templates above, the same on every run:
+    minimum functionality (MFT: text, label), invariance (INV: the label must not change) and directional
+    (DIR: p(fresh) must not go up); typos and negative clauses also on `reviews` when given.
+    Defined in chapter 10."""
     rng = random.Random(seed)
     pairs = lambda words: list(itertools.permutations(words, 2))
     sentiment = [(w, 1) for w in POSITIVE_WORDS] + [(w, 0) for w in NEGATIVE_WORDS]
     tests = {
-        "MFT: 'The film was great.' is fresh": dict(kind="MFT", cases=[dict(text=f"The {t} was {w}.", label=1) for t, w in itertools.product(THINGS, POSITIVE_WORDS)]),
-        "MFT: 'The film was awful.' is rotten": dict(kind="MFT", cases=[dict(text=f"The {t} was {w}.", label=0) for t, w in itertools.product(THINGS, NEGATIVE_WORDS)]),
+        "MFT: 'The film was great.' is fresh":
+            dict(kind="MFT",
+                 cases=[dict(text=f"The {t} was {w}.", label=1) for t, w in itertools.product(THINGS, POSITIVE_WORDS)]),
+        "MFT: 'The film was awful.' is rotten":
+            dict(kind="MFT",
+                 cases=[dict(text=f"The {t} was {w}.", label=0) for t, w in itertools.product(THINGS, NEGATIVE_WORDS)]),
         "INV: change a person's name": dict(kind="INV", cases=[
             dict(original=f"{a} thought the {t} was {w}.", perturbed=f"{b} thought the {t} was {w}.")
             for (a, b), t, (w, _) in itertools.product(pairs(NAMES[:3]), THINGS[:2], sentiment)]),
@@ -238,17 +277,22 @@ def checklist_tests(reviews: list[str] | None = None, seed: int = 0) -> dict[str
             dict(original=f"I saw this {t} in {a} and it was {w}.", perturbed=f"I saw this {t} in {b} and it was {w}.")
             for (a, b), t, (w, _) in itertools.product(pairs(PLACES[:3]), THINGS[:2], sentiment)]),
     }
-    typo_sources = list(reviews) if reviews else [f"The {t} was {w} from start to finish." for t, (w, _) in itertools.product(THINGS, sentiment)]
-    tests["INV: add a typo"] = dict(kind="INV", cases=[dict(original=r, perturbed=add_typo(r, rng)) for r in typo_sources])
+    typo_sources = list(reviews) if reviews else [
+        f"The {t} was {w} from start to finish." for t, (w, _) in itertools.product(THINGS, sentiment)]
+    tests["INV: add a typo"] = dict(kind="INV",
+                                    cases=[dict(original=r, perturbed=add_typo(r, rng)) for r in typo_sources])
     tests["DIR: add 'not' before a positive word"] = dict(kind="DIR", cases=[
-        dict(original=f"The {t} was {w}.", perturbed=f"The {t} was not {w}.") for t, w in itertools.product(THINGS, POSITIVE_WORDS)])
-    clause_sources = list(reviews) if reviews else [f"The {t} was {w}." for t, w in itertools.product(THINGS, POSITIVE_WORDS)]
+        dict(original=f"The {t} was {w}.", perturbed=f"The {t} was not {w}.") for t, w in itertools.product(
+            THINGS, POSITIVE_WORDS)])
+    clause_sources = list(reviews) if reviews else [
+        f"The {t} was {w}." for t, w in itertools.product(THINGS, POSITIVE_WORDS)]
     tests["DIR: append a negative clause"] = dict(kind="DIR", cases=[
         dict(original=r, perturbed=r.rstrip(" .!?") + ", " + NEGATIVE_CLAUSES[i % len(NEGATIVE_CLAUSES)] + ".") for i, r in enumerate(clause_sources)])
     return tests
 
 def run_checklist(predict_fresh, tests: dict[str, dict], tolerance: float = 0.1) -> list[dict]:
-    "Run each test with `predict_fresh(texts) -> p(fresh)` and count failures: MFT wrong label, INV changed label, DIR p(fresh) up by more than `tolerance`. One row per test. Defined in chapter 10."
+    """Run each test with `predict_fresh(texts) -> p(fresh)` and count failures: MFT wrong label, INV changed
+    label, DIR p(fresh) up by more than `tolerance`. One row per test. Defined in chapter 10."""
     rows = []
     for name, test in tests.items():
         kind, cases = test["kind"], test["cases"]
@@ -257,35 +301,43 @@ def run_checklist(predict_fresh, tests: dict[str, dict], tolerance: float = 0.1)
             p = np.asarray(predict_fresh([c["text"] for c in cases]))
             failed = (p >= 0.5).astype(int) != np.array([c["label"] for c in cases])
         elif kind in ("INV", "DIR"):
-            p0 = np.asarray(predict_fresh([c["original"] for c in cases])); p1 = np.asarray(predict_fresh([c["perturbed"] for c in cases]))
+            p0 = np.asarray(predict_fresh([c["original"] for c in cases])); p1 = np.asarray(
+                predict_fresh([c["perturbed"] for c in cases]))
             failed = (p0 >= 0.5) != (p1 >= 0.5) if kind == "INV" else p1 > p0 + tolerance
         else: raise ValueError(f"Test {name!r} has kind {kind!r}; expected 'MFT', 'INV' or 'DIR'.")
         first = int(np.argmax(failed)) if failed.any() else None
         example = None if first is None else cases[first].get("perturbed", cases[first].get("text"))
-        rows.append(dict(test=name, kind=kind, cases=len(cases), failures=int(failed.sum()), failure_rate=float(failed.mean()), example=example))
+        rows.append(dict(test=name, kind=kind, cases=len(cases), failures=int(failed.sum()),
+                         failure_rate=float(failed.mean()), example=example))
     return rows
 
 def format_checklist(rows: list[dict]) -> str:
     "The CheckList results as a Markdown table."
     lines = ["| test | cases | failures | failure rate | a failing case |", "|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['test']} | {r['cases']} | {r['failures']} | {100*r['failure_rate']:.1f} % | {r['example'] or ''} |")
+        lines.append(f"| {r['test']} | {r['cases']} | {r['failures']} | {100*r['failure_rate']:.1f} % | "
+                     f"{r['example'] or ''} |")
     return "\n".join(lines)
 
 # %% ../nbs/10_trust.ipynb #ce229e6c
-SHIFTS = {"rotation (degrees)": (0, 15, 30, 45, 60, 90), "gaussian noise (sigma, pixel units)": (0.0, 0.2, 0.4, 0.6, 0.8),
-          "stroke thickness (pixels; < 0 erodes)": (-1, 0, 1, 2), "inversion (blend towards 1 − x)": (0.0, 0.25, 0.5, 0.75, 1.0)}
+SHIFTS = {"rotation (degrees)": (0, 15, 30, 45, 60, 90),
+          "gaussian noise (sigma, pixel units)":
+              (0.0, 0.2, 0.4, 0.6, 0.8), "stroke thickness (pixels; < 0 erodes)": (-1, 0, 1, 2),
+              "inversion (blend towards 1 − x)": (0.0, 0.25, 0.5, 0.75, 1.0)}
 SHIFT_KINDS = {"rotation": "rotation (degrees)", "noise": "gaussian noise (sigma, pixel units)",
                "thickness": "stroke thickness (pixels; < 0 erodes)", "inversion": "inversion (blend towards 1 − x)"}
 
 def shift_digits(x: torch.Tensor, kind: str, size: float, seed: int = 0) -> torch.Tensor:
-    "MNIST-normalized images shifted in pixel space ([0, 1]) and normalized again: 'rotation' by `size` degrees, 'noise' of std `size`, 'thickness' by `size` pixels (max-pool dilation; erosion −maxpool(−x) below 0), 'inversion' blended by `size`. Defined in chapter 10."
+    """MNIST-normalized images shifted in pixel space ([0, 1]) and normalized again: 'rotation' by `size`
+    degrees, 'noise' of std `size`, 'thickness' by `size` pixels (max-pool dilation; erosion −maxpool(−x)
+    below 0), 'inversion' blended by `size`. Defined in chapter 10."""
     if kind not in SHIFT_KINDS: raise ValueError(f"Unknown shift {kind!r}; choose one of {sorted(SHIFT_KINDS)}.")
     if x.ndim != 4 or x.shape[1] != 1: raise ValueError(f"Expected images (N, 1, H, W), got shape {tuple(x.shape)}.")
     p = x*MNIST_STD + MNIST_MEAN
     if kind == "rotation":
         a = math.radians(size)
-        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype, device=x.device)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype,
+                             device=x.device)
         grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
         p = F.grid_sample(p, grid, align_corners=False, padding_mode="zeros")
     elif kind == "noise":
@@ -302,7 +354,8 @@ def shift_digits(x: torch.Tensor, kind: str, size: float, seed: int = 0) -> torc
     return (p.clamp(0, 1) - MNIST_MEAN)/MNIST_STD
 
 @torch.no_grad()
-def accuracy_under_shift(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, sizes, batch_size: int = 1000) -> list[float]:
+def accuracy_under_shift(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, sizes,
+                         batch_size: int = 1000) -> list[float]:
     "Test accuracy (%) of `model` on `x` shifted by each of `sizes`. Defined in chapter 10."
     from ptm_course.vision import evaluate_accuracy
     model.eval()
@@ -311,11 +364,14 @@ def accuracy_under_shift(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kin
 # %% ../nbs/10_trust.ipynb #0bace9e7
 def _check_probs(probs: torch.Tensor, labels: torch.Tensor, n_bins: int):
     if probs.ndim != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(f"probs must be (N, classes) and labels (N,); got {tuple(probs.shape)} and {tuple(labels.shape)}.")
-    if not isinstance(n_bins, int) or n_bins < 1: raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
+        raise ValueError(f"probs must be (N, classes) and labels (N,); got {tuple(probs.shape)} and "
+                         f"{tuple(labels.shape)}.")
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, torch.Tensor]:
-    "Confidence (max probability) split into `n_bins` equal bins (i/n, (i+1)/n]: per bin the count, mean confidence and accuracy (NaN when empty). Defined in chapter 10."
+    """Confidence (max probability) split into `n_bins` equal bins (i/n, (i+1)/n]: per bin the count, mean
+    confidence and accuracy (NaN when empty). Defined in chapter 10."""
     _check_probs(probs, labels, n_bins)
     confidence, predicted = probs.float().max(1)
     correct = (predicted == labels.to(predicted.device)).float()
@@ -325,7 +381,8 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     right = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, correct)
     nan = torch.full_like(count, float("nan"))
     return dict(count=count.cpu(), confidence=torch.where(count > 0, conf_sum/count.clamp(min=1), nan).cpu(),
-                accuracy=torch.where(count > 0, right/count.clamp(min=1), nan).cpu(), edges=torch.linspace(0, 1, n_bins + 1))
+                accuracy=torch.where(count > 0, right/count.clamp(min=1), nan).cpu(),
+                edges=torch.linspace(0, 1, n_bins + 1))
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     "ECE: Σ_bins (n_b / N) · |accuracy_b − confidence_b| over equal-width confidence bins. Defined in chapter 10."
@@ -338,7 +395,8 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
     return F.cross_entropy(logits.float()/temperature, labels).item()
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
-    "Temperature scaling (Guo et al., 2017): the T > 0 that minimizes the NLL of `logits / T` on held-out data (L-BFGS on log T). Defined in chapter 10."
+    """Temperature scaling (Guo et al., 2017): the T > 0 that minimizes the NLL of `logits / T` on held-out data
+    (L-BFGS on log T). Defined in chapter 10."""
     logits, labels = logits.detach().float(), labels.detach()
     log_t = torch.zeros(1, device=logits.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -350,15 +408,20 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     optimizer.step(closure)
     return float(log_t.exp().item())
 
-def temperature_report(valid_logits: torch.Tensor, valid_labels: torch.Tensor, test_logits: torch.Tensor, test_labels: torch.Tensor, n_bins: int = 15) -> dict:
-    "Fit T on the held-out (validation) logits, then ECE and NLL on the test logits before and after dividing by T. Defined in chapter 10."
+def temperature_report(valid_logits: torch.Tensor, valid_labels: torch.Tensor, test_logits: torch.Tensor,
+                       test_labels: torch.Tensor, n_bins: int = 15) -> dict:
+    """Fit T on the held-out (validation) logits, then ECE and NLL on the test logits before and after dividing
+    by T. Defined in chapter 10."""
     t = fit_temperature(valid_logits, valid_labels)
     before, after = test_logits.float().softmax(-1), (test_logits.float()/t).softmax(-1)
-    return dict(temperature=t, ece_before=expected_calibration_error(before, test_labels, n_bins), ece_after=expected_calibration_error(after, test_labels, n_bins),
-                nll_before=nll(test_logits, test_labels), nll_after=nll(test_logits, test_labels, t), examples=len(test_labels))
+    return dict(temperature=t, ece_before=expected_calibration_error(before, test_labels, n_bins),
+                ece_after=expected_calibration_error(after, test_labels, n_bins),
+                nll_before=nll(test_logits, test_labels), nll_after=nll(test_logits, test_labels, t),
+                examples=len(test_labels))
 
 def plot_reliability(probs: torch.Tensor, labels: torch.Tensor, title: str = "", n_bins: int = 15, ax=None):
-    "A reliability diagram: accuracy per confidence bin (bars) against the diagonal of perfect calibration, ECE in the title."
+    """A reliability diagram: accuracy per confidence bin (bars) against the diagonal of perfect calibration,
+    ECE in the title."""
     import matplotlib.pyplot as plt
     ax = ax or plt.gca()
     b = reliability_bins(probs, labels, n_bins)
@@ -375,7 +438,9 @@ def plot_reliability(probs: torch.Tensor, labels: torch.Tensor, title: str = "",
 
 # %% ../nbs/10_trust.ipynb #eec30d8b
 def uci_digits(test_per_class: int = 50, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    "scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download) as MNIST-like images: upsampled to 20x20, padded to 28x28, normalized with MNIST's statistics; a fixed test set of `test_per_class` per class, the rest for training. Defined in chapter 10."
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download) as MNIST-like images: upsampled
+    to 20x20, padded to 28x28, normalized with MNIST's statistics; a fixed test set of `test_per_class` per
+    class, the rest for training. Defined in chapter 10."""
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)/16.0
@@ -387,10 +452,14 @@ def uci_digits(test_per_class: int = 50, seed: int = 0) -> dict[str, tuple[torch
     return {"train": (x[~is_test], y[~is_test]), "test": (x[is_test], y[is_test])}
 
 TRANSFER_RECIPES = {"fast": dict(probe_steps=5, min_steps=10, min_epochs=1, evaluations=1),
-                    "full": dict(probe_steps=100, min_steps=300, min_epochs=2, evaluations=1)}  # `finetune` settings: the tour's, one evaluation at the end
+                    # `finetune` settings: the tour's, one evaluation at the end
+                    "full": dict(probe_steps=100, min_steps=300, min_epochs=2, evaluations=1)}
 
-def digits_transfer(autoencoder, x_train, y_train, x_test, y_test, per_class=(10, 50, None), seeds=(0, 1, 2), device=None, **finetune_kwargs) -> list[dict]:
-    "Chapter 4's recipe on a new domain: the MNIST-pretrained encoder and the same network from scratch, fine-tuned on `per_class` labels per class (None: all) with each seed; one row (start, per_class, labels, seed, accuracy) per run. Defined in chapter 10."
+def digits_transfer(autoencoder, x_train, y_train, x_test, y_test, per_class=(10, 50, None), seeds=(0, 1, 2),
+                    device=None, **finetune_kwargs) -> list[dict]:
+    """Chapter 4's recipe on a new domain: the MNIST-pretrained encoder and the same network from scratch,
+    fine-tuned on `per_class` labels per class (None: all) with each seed; one row (start, per_class, labels,
+    seed, accuracy) per run. Defined in chapter 10."""
     from ptm_course.vision import balanced_subset, finetune, transfer_encoder
     rows = []
     for n in per_class:
@@ -401,26 +470,31 @@ def digits_transfer(autoencoder, x_train, y_train, x_test, y_test, per_class=(10
                 model = transfer_encoder(autoencoder if start == "pretrained" else None)
                 history = finetune(model, x_train[idx], y_train[idx], x_test, y_test, seed=seed, device=device,
                                    desc=f"{start}, {len(idx)} labels, seed {seed}", **finetune_kwargs)
-                rows.append(dict(start=start, per_class=n, labels=len(idx), seed=seed, accuracy=history.last("accuracy")))
+                rows.append(dict(start=start, per_class=n, labels=len(idx), seed=seed,
+                                 accuracy=history.last("accuracy")))
     return rows
 
 def transfer_table(rows: list[dict]) -> list[dict]:
-    "Per label budget: mean and std (over seeds) of test accuracy from the pretrained encoder and from scratch, and the gain."
+    """Per label budget: mean and std (over seeds) of test accuracy from the pretrained encoder and from
+    scratch, and the gain."""
     table = []
     for n in dict.fromkeys(r["per_class"] for r in rows):
         acc = {s: np.array([r["accuracy"] for r in rows if r["per_class"] == n and r["start"] == s]) for s in ("pretrained", "scratch")}
         std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
-        table.append(dict(per_class=n, labels=next(r["labels"] for r in rows if r["per_class"] == n), seeds=len(acc["pretrained"]),
-                          pretrained=float(acc["pretrained"].mean()), pretrained_std=std(acc["pretrained"]),
-                          scratch=float(acc["scratch"].mean()), scratch_std=std(acc["scratch"]),
+        table.append(dict(per_class=n, labels=next(r["labels"] for r in rows if r["per_class"] == n),
+                          seeds=len(acc["pretrained"]), pretrained=float(acc["pretrained"].mean()),
+                          pretrained_std=std(acc["pretrained"]), scratch=float(acc["scratch"].mean()),
+                          scratch_std=std(acc["scratch"]),
                           gain=float(acc["pretrained"].mean() - acc["scratch"].mean())))
     return table
 
 def format_transfer_table(table: list[dict]) -> str:
     "The new-domain table as Markdown."
-    lines = ["| labels per class | labels | MNIST-pretrained encoder | from scratch | gain |", "|---|---:|---:|---:|---:|"]
+    lines = ["| labels per class | labels | MNIST-pretrained encoder | from scratch | gain |",
+             "|---|---:|---:|---:|---:|"]
     for r in table:
-        lines.append(f"| {'all' if r['per_class'] is None else r['per_class']} | {r['labels']:,} | {r['pretrained']:.1f} ± {r['pretrained_std']:.1f} % | "
-                     f"{r['scratch']:.1f} ± {r['scratch_std']:.1f} % | {r['gain']:+.1f} points |")
+        lines.append(f"| {'all' if r['per_class'] is None else r['per_class']} | {r['labels']:,} | "
+                     f"{r['pretrained']:.1f} ± {r['pretrained_std']:.1f} % | {r['scratch']:.1f} ± "
+                     f"{r['scratch_std']:.1f} % | {r['gain']:+.1f} points |")
     lines.append(f"\nmean ± standard deviation over {table[0]['seeds']} seeds")
     return "\n".join(lines)

@@ -17,26 +17,32 @@ __all__ = ['check_integrated_gradients', 'check_expected_calibration_error', 'ch
 
 # %% ../../nbs/97_checks_trust.ipynb #664f6d71
 def _model(gen: torch.Generator, kind: str) -> nn.Module:
-    "A small float64 model with weights drawn from `gen`: an MLP on vectors or a conv net on 1x8x8 images; logits for 3 classes."
-    if kind == "mlp": model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 8), nn.Softplus(), nn.Linear(8, 3))
+    """A small float64 model with weights drawn from `gen`: an MLP on vectors or a conv net on 1x8x8 images;
+    logits for 3 classes."""
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 8), nn.Softplus(), nn.Linear(8, 3))
     else: model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4*6*6, 3))
     with torch.no_grad():
         for p in model.parameters(): p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64)*0.7)
     return model.double().eval()
 
 def _ig_cases(seed: int = 0) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, int, int]]:
-    "(description, model, x, baseline, target, steps) cases: vectors and images, zero and non-zero baselines, several step counts."
+    """(description, model, x, baseline, target, steps) cases: vectors and images, zero and non-zero baselines,
+    several step counts."""
     gen = torch.Generator().manual_seed(seed)
     mlp, cnn = _model(gen, "mlp"), _model(gen, "cnn")
-    x1 = torch.randn(4, 5, generator=gen, dtype=torch.float64); x2 = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    x1 = torch.randn(4, 5, generator=gen, dtype=torch.float64); x2 = torch.randn(3, 1, 8, 8, generator=gen,
+                                                                                 dtype=torch.float64)
     return [("an MLP, zero baseline, 16 steps", mlp, x1, torch.zeros_like(x1), 2, 16),
-            ("an MLP, a random baseline, 5 steps", mlp, x1, torch.randn(4, 5, generator=gen, dtype=torch.float64), 0, 5),
+            ("an MLP, a random baseline, 5 steps", mlp, x1, torch.randn(4, 5, generator=gen, dtype=torch.float64), 0,
+             5),
             ("a conv net on images, a black baseline, 32 steps", cnn, x2, torch.full_like(x2, -0.4), 1, 32)]
 
 def _captum_ig(model, x, baseline, target, steps, method="riemann_middle") -> torch.Tensor:
     "Captum's integrated gradients with the given Riemann rule: the oracle."
     from captum.attr import IntegratedGradients
-    return IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=steps, method=method).detach()
+    return IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=steps,
+                                                method=method).detach()
 
 def _grad_at(model, point, target) -> torch.Tensor:
     point = point.detach().requires_grad_(True)
@@ -44,33 +50,45 @@ def _grad_at(model, point, target) -> torch.Tensor:
 
 @checker
 def check_integrated_gradients(fn):
-    "Compare `integrated_gradients(model, x, baseline, target, steps)` with Captum's (midpoint rule) on small float64 models."
+    """Compare `integrated_gradients(model, x, baseline, target, steps)` with Captum's (midpoint rule) on small
+    float64 models."""
     with torch.random.fork_rng(devices=[]):
         for what, model, x, baseline, target, steps in _ig_cases():
             x_before, b_before = x.clone(), baseline.clone()
             got = expect_tensor(attempt(fn, model, x, baseline, target, steps), x.shape, "your attributions")
             if not (torch.equal(x, x_before) and torch.equal(baseline, b_before)):
-                raise Fail(f"your function changed x or the baseline in place ({what})", "work on new tensors: x' + alpha * (x - x') makes one")
+                raise Fail(f"your function changed x or the baseline in place ({what})",
+                           "work on new tensors: x' + alpha * (x - x') makes one")
             want = _captum_ig(model, x, baseline, target, steps)
             if close(got, want, 1e-6): continue
             delta = x - baseline
             mistakes = {
-                "the points are at k/steps (left Riemann sum): use the midpoints (k + 0.5)/steps": _captum_ig(model, x, baseline, target, steps, "riemann_left"),
-                "the points are at (k + 1)/steps (right Riemann sum): use the midpoints (k + 0.5)/steps": _captum_ig(model, x, baseline, target, steps, "riemann_right"),
-                "you return the mean gradient along the path: multiply it by (x - baseline)": want/torch.where(delta == 0, torch.ones_like(delta), delta),
+                "the points are at k/steps (left Riemann sum): use the midpoints (k + 0.5)/steps":
+                    _captum_ig(model, x, baseline, target, steps, "riemann_left"),
+                "the points are at (k + 1)/steps (right Riemann sum): use the midpoints (k + 0.5)/steps":
+                    _captum_ig(model, x, baseline, target, steps, "riemann_right"),
+                "you return the mean gradient along the path: multiply it by (x - baseline)":
+                    want/torch.where(delta == 0, torch.ones_like(delta), delta),
                 "the gradients are summed, not averaged: divide by the number of steps": want*steps,
-                "the gradient is taken at x only (gradient times input): average it over points along the path": delta*_grad_at(model, x, target),
-                "the path is measured from 0, not from the baseline: the points are baseline + alpha * (x - baseline), and the factor is (x - baseline)":
+                "the gradient is taken at x only (gradient times input): average it over points along the path":
+                    delta*_grad_at(model, x, target),
+                "the path is measured from 0, not from the baseline: the points are baseline + alpha * (x - "
+                "baseline), and the factor is (x - baseline)":
                     x*torch.stack([_grad_at(model, (k + 0.5)/steps*x, target) for k in range(steps)]).mean(0),
             }
             raise Fail(f"your attributions are off by a relative {relative_error(got, want):.1e} on {what}",
-                       diagnose(got, mistakes, 1e-6) or "the rule: (x - x') * mean over k of grad F_target at x' + (k + 0.5)/steps * (x - x')")
-        completeness = (got.flatten(1).sum(1) - (model(x)[:, target] - model(baseline)[:, target]).detach()).abs().max().item()
-    return f"matches Captum's integrated gradients on 3 cases; on the last, completeness holds within {completeness:.1e}"
+                       diagnose(got, mistakes, 1e-6) or "the rule: (x - x') * mean over k of grad F_target at x' + "
+                                                        "(k + 0.5)/steps * (x - x')")
+        completeness = (got.flatten(1).sum(1) - (model(x)[:, target] - model(baseline)[:,
+                                                                                       target]).detach()).abs().max().item()
+    return (f"matches Captum's integrated gradients on 3 cases; on the last, completeness holds within "
+            f"{completeness:.1e}")
 
 # %% ../../nbs/97_checks_trust.ipynb #913285af
-def _ece_loop(probs: torch.Tensor, labels: torch.Tensor, n_bins: int, weighted: bool = True, signed: bool = False, true_class: bool = False) -> float:
-    "ECE by a plain loop over the examples (the oracle), and its typical variants: unweighted bins, signed gaps, the true class's probability."
+def _ece_loop(probs: torch.Tensor, labels: torch.Tensor, n_bins: int, weighted: bool = True, signed: bool = False,
+              true_class: bool = False) -> float:
+    """ECE by a plain loop over the examples (the oracle), and its typical variants: unweighted bins, signed
+    gaps, the true class's probability."""
     count, conf, right = [0]*n_bins, [0.0]*n_bins, [0]*n_bins
     for p, y in zip(probs.tolist(), labels.tolist()):
         c = max(p); pred = p.index(c)
@@ -82,10 +100,12 @@ def _ece_loop(probs: torch.Tensor, labels: torch.Tensor, n_bins: int, weighted: 
     return sum(w*g for w, g in zip(weights, gaps))
 
 def _ece_cases(seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor, int]]:
-    "(description, probs, labels, n_bins): over- and underconfident models, 2 and 10 classes; no confidence lies on a bin edge."
+    """(description, probs, labels, n_bins): over- and underconfident models, 2 and 10 classes; no confidence
+    lies on a bin edge."""
     gen = torch.Generator().manual_seed(seed)
     cases = []
-    for what, classes, n, scale, sharpen, n_bins in (("10 classes, overconfident", 10, 600, 2.0, 3.0, 10), ("2 classes, underconfident", 2, 400, 2.0, 0.4, 5),
+    for what, classes, n, scale, sharpen, n_bins in (("10 classes, overconfident", 10, 600, 2.0, 3.0, 10),
+                                                     ("2 classes, underconfident", 2, 400, 2.0, 0.4, 5),
                                                      ("10 classes, 15 bins", 10, 800, 1.5, 1.5, 15)):
         logits = scale*torch.randn(n, classes, generator=gen, dtype=torch.float64)
         labels = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
@@ -97,7 +117,8 @@ def _ece_cases(seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor, int
 
 @checker
 def check_expected_calibration_error(fn):
-    "Compare `expected_calibration_error(probs, labels, n_bins)` with a loop over the examples on synthetic over- and underconfident models."
+    """Compare `expected_calibration_error(probs, labels, n_bins)` with a loop over the examples on synthetic
+    over- and underconfident models."""
     for what, probs, labels, n_bins in _ece_cases():
         p_before = probs.clone()
         got = expect_number(attempt(fn, probs, labels, n_bins), "your ECE")
@@ -106,16 +127,21 @@ def check_expected_calibration_error(fn):
         if abs(got - want) <= 1e-6 + 1e-6*abs(want): continue
         conf, pred = probs.max(1)
         mistakes = {
-            "each bin counts the same: weight each bin's gap by its share of the examples, n_b / N": _ece_loop(probs, labels, n_bins, weighted=False),
-            "the gaps are signed, so over- and underconfident bins cancel: take |accuracy - confidence| per bin": _ece_loop(probs, labels, n_bins, signed=True),
-            "the confidence is the probability of the predicted class (the largest one), not of the true class": _ece_loop(probs, labels, n_bins, true_class=True),
-            "that is |accuracy - mean confidence| over all examples (one bin): split the confidences into n_bins bins first":
+            "each bin counts the same: weight each bin's gap by its share of the examples, n_b / N":
+                _ece_loop(probs, labels, n_bins, weighted=False),
+            "the gaps are signed, so over- and underconfident bins cancel: take |accuracy - confidence| per bin":
+                _ece_loop(probs, labels, n_bins, signed=True),
+            "the confidence is the probability of the predicted class (the largest one), not of the true class":
+                _ece_loop(probs, labels, n_bins, true_class=True),
+            "that is |accuracy - mean confidence| over all examples (one bin): split the confidences into n_bins bins "
+            "first":
                 abs((pred == labels).double().mean().item() - conf.mean().item()),
             "ECE is a fraction in [0, 1], not a percentage": 100*want,
         }
         hint = next((h for h, v in mistakes.items() if abs(got - v) <= 1e-6 + 1e-6*abs(v)), None)
         raise Fail(f"your ECE is {got:.4f} on {what}, off by {abs(got - want):.1e}",
-                   hint or "bins (i/n, (i+1)/n] of the largest probability; per bin |accuracy - mean confidence|, weighted by n_b / N")
+                   hint or "bins (i/n, (i+1)/n] of the largest probability; per bin |accuracy - mean confidence|, "
+                           "weighted by n_b / N")
     return f"matches the loop over examples on {len(_ece_cases())} synthetic models"
 
 # %% ../../nbs/97_checks_trust.ipynb #223cb9b9
@@ -124,7 +150,8 @@ def _fake_classifier(text: str) -> float:
     score, flip = 0.0, 1.0
     for w in text.lower().replace(",", " ").replace(".", " ").split():
         if w == "not": flip = -1.0; continue
-        score += flip*{"great": 1.5, "wonderful": 2.0, "fine": 0.6, "dull": -1.4, "mess": -1.0, "boring": -1.8, "ending": 0.3}.get(w, 0.0)
+        score += flip*{"great": 1.5, "wonderful": 2.0, "fine": 0.6, "dull": -1.4, "mess": -1.0, "boring": -1.8,
+                       "ending": 0.3}.get(w, 0.0)
         flip = 1.0
     return 1/(1 + math.exp(-score))
 
@@ -133,25 +160,30 @@ def _dir_cases() -> list[tuple[str, list[tuple[str, str]], float]]:
     adjectives = ("great", "wonderful", "fine", "dull", "boring")
     negation = [(f"The film was {a}.", f"The film was not {a}.") for a in adjectives]
     clause = [(f"The {t} was {a}.", f"The {t} was {a}, but the ending was a mess.") for t in ("film", "plot") for a in adjectives]
-    mild = [("The film was wonderful.", "The film was wonderful, and the ending was fine."), ("The film was dull.", "The film was dull, and the ending was fine.")]
-    return [("negation and mildly positive pairs, tolerance 0.1", negation + mild, 0.1), ("negative-clause pairs, tolerance 0.0", clause, 0.0),
-            ("negation pairs, tolerance 0.3", negation, 0.3)]
+    mild = [("The film was wonderful.", "The film was wonderful, and the ending was fine."),
+            ("The film was dull.", "The film was dull, and the ending was fine.")]
+    return [("negation and mildly positive pairs, tolerance 0.1", negation + mild, 0.1),
+            ("negative-clause pairs, tolerance 0.0", clause, 0.0), ("negation pairs, tolerance 0.3", negation, 0.3)]
 
 def _dir_rates(p0: list[float], p1: list[float], tolerance: float) -> dict[str, float]:
     "The right failure rate (key '') and what each typical mistake gives, keyed by its hint."
     n = len(p0)
     right = sum(b > a + tolerance for a, b in zip(p0, p1))/n
     return {"": right,
-            "a failure is p(fresh) going UP after the change: count perturbed > original + tolerance, not the other way round":
+            "a failure is p(fresh) going UP after the change: count perturbed > original + tolerance, not the other "
+            "way round":
                 sum(a > b + tolerance for a, b in zip(p0, p1))/n,
-            "the test is directional: only an increase fails; a large decrease is what we expect": sum(abs(b - a) > tolerance for a, b in zip(p0, p1))/n,
-            "the tolerance is ignored: a failure is perturbed > original + tolerance": sum(b > a for a, b in zip(p0, p1))/n,
+            "the test is directional: only an increase fails; a large decrease is what we expect":
+                sum(abs(b - a) > tolerance for a, b in zip(p0, p1))/n,
+            "the tolerance is ignored: a failure is perturbed > original + tolerance":
+                sum(b > a for a, b in zip(p0, p1))/n,
             "return the failure rate (failures / pairs), not the number of failures": right*n,
             "return the rate of failures, not of passes": 1 - right}
 
 @checker
 def check_directional_failure_rate(fn):
-    "Compare `directional_failure_rate(predict_fresh, pairs, tolerance)` with the fraction of pairs whose p(fresh) went up by more than the tolerance."
+    """Compare `directional_failure_rate(predict_fresh, pairs, tolerance)` with the fraction of pairs whose
+    p(fresh) went up by more than the tolerance."""
     calls = []
     def predict_fresh(texts):
         texts = list(texts); calls.append(len(texts))
@@ -159,12 +191,16 @@ def check_directional_failure_rate(fn):
     got, expected = [], []
     for what, pairs, tolerance in _dir_cases():
         got.append(expect_number(attempt(fn, predict_fresh, list(pairs), tolerance), "your failure rate"))
-        expected.append(_dir_rates([_fake_classifier(a) for a, _ in pairs], [_fake_classifier(b) for _, b in pairs], tolerance))
+        expected.append(_dir_rates([_fake_classifier(a) for a, _ in pairs], [_fake_classifier(b) for _, b in pairs],
+                                   tolerance))
     wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if abs(g - e[""]) > 1e-9]
     if not wrong:
-        if not calls: raise Fail("your function never called predict_fresh", "get p(fresh) of the originals and of the perturbed texts from predict_fresh")
+        if not calls:
+            raise Fail("your function never called predict_fresh",
+                       "get p(fresh) of the originals and of the perturbed texts from predict_fresh")
         return f"right on {len(got)} sets of pairs"
     hint = next((h for h in expected[0] if h and all(abs(g - e[h]) <= 1e-9 for g, e in zip(got, expected))), None)
     i = wrong[0]
-    raise Fail(f"your failure rate is wrong on {len(wrong)} of {len(got)} sets of pairs, first on {_dir_cases()[i][0]} ({got[i]:.3f})",
+    raise Fail(f"your failure rate is wrong on {len(wrong)} of {len(got)} sets of pairs, first on "
+               f"{_dir_cases()[i][0]} ({got[i]:.3f})",
                hint or "the fraction of pairs with p(perturbed) > p(original) + tolerance")
