@@ -420,48 +420,50 @@ def bench_compress(runs: int | None = None, device=None) -> dict:
                 seconds=round(time.perf_counter() - start, 1), **hardware_info(device))
 
 # %% ../nbs/98_bench.ipynb #7a11c0df
-def bench_trust(runs: int | None = None, device=None) -> dict:
-    """Chapter 10's headline numbers in one run (`runs` is not used: nothing here is timed).
-
-    IG on the CNN, the per-layer probe, CheckList, calibration of both models, and the new-domain gain at 10 labels per class."""
-    from transformers import AutoModelForSequenceClassification
+def _trust_cnn(x_test, y_test, cnn) -> tuple[dict, dict]:
+    "Integrated gradients on 8 test digits (by hand and Captum), and the CNN's calibration (T fitted on half the test set)."
     from . import trust
-    from .compress import logits_of, mnist_teacher
-    from .data import load_encoder, load_tokenizer
-    from .finetune import course_splits
-    from .vision import BLACK, cached_autoencoder
-    device = get_device(device)
-    hardware = hardware_info(device)
-    start = time.perf_counter()
-    x_train, y_train = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
-    x_test, y_test = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
-    cnn = mnist_teacher(x_train, y_train, x_test, y_test, device=device).eval()
+    from .compress import logits_of
+    from .vision import BLACK
     examples = x_test[:8]
     with torch.no_grad(): predicted = cnn(examples).argmax(1)
     ig = trust.check_integrated_gradients(cnn, examples, predicted, baseline=BLACK, steps=64)
+    logits, labels, half = logits_of(cnn, x_test).float().cpu(), y_test.cpu(), len(y_test)//2
+    calibration = trust.temperature_report(logits[:half], labels[:half], logits[half:], labels[half:])
+    return dict(mnist_ig_completeness_error=round(ig["completeness_by_hand"].max().item(), 5),
+                mnist_ig_captum_max_relative_difference=float(f"{ig['max_relative_difference']:.3g}"),
+                mnist_ig_steps=64, mnist_ig_images=len(examples)), calibration
+
+def _trust_reviews(device) -> tuple[dict, dict]:
+    "The per-layer probe of the pretrained MiniLM, CheckList on chapter 10's fine-tuned MiniLM, and its calibration."
+    from transformers import AutoModelForSequenceClassification
+    from . import trust
+    from .data import load_encoder, load_tokenizer
+    from .finetune import course_splits
     splits, tokenizer = course_splits(), load_tokenizer()
-    probe_train = splits["train"][:fast_or_full(256, 3000)]
+    texts = {k: [r.text for r in v] for k, v in splits.items()}
+    labels = {k: torch.tensor([r.label for r in v]) for k, v in splits.items()}
+    n_probe = fast_or_full(256, 3000)
     encoder = load_encoder(device=device)
-    scores = trust.probe_layers(trust.layer_features(encoder, tokenizer, [r.text for r in probe_train]),
-                                [r.label for r in probe_train],
-                                trust.layer_features(encoder, tokenizer, [r.text for r in splits["validation"]]),
-                                [r.label for r in splits["validation"]])
-    minilm = AutoModelForSequenceClassification.from_pretrained(trust.trust_minilm_dir(device),
-                                                                local_files_only=True).to(device).eval()
-    def p_fresh(texts): return trust.review_logits(minilm, tokenizer, texts).softmax(-1)[:, 1].numpy()
-    checklist = trust.run_checklist(p_fresh,
-                                    trust.checklist_tests([r.text for r in splits["test"][:fast_or_full(64, 300)]]))
-    cnn_logits, labels, half = logits_of(cnn, x_test).float().cpu(), y_test.cpu(), len(y_test)//2
-    review_labels = {k: torch.tensor([r.label for r in splits[k]]) for k in ("validation", "test")}
-    calibration = {"mnist_cnn": trust.temperature_report(cnn_logits[:half], labels[:half], cnn_logits[half:],
-                                                         labels[half:]),
-                   "minilm_reviews":
-                       trust.temperature_report(trust.review_logits(minilm, tokenizer,
-                                                                    [r.text for r in splits["validation"]]),
-                                                                    review_labels["validation"],
-                                                              trust.review_logits(minilm, tokenizer,
-                                                                                  [r.text for r in splits["test"]]),
-                                                                                  review_labels["test"])}
+    scores = trust.probe_layers(trust.layer_features(encoder, tokenizer, texts["train"][:n_probe]),
+                                labels["train"][:n_probe].tolist(),
+                                trust.layer_features(encoder, tokenizer, texts["validation"]),
+                                labels["validation"].tolist())
+    minilm = AutoModelForSequenceClassification.from_pretrained(trust.trust_minilm_dir(device), local_files_only=True)
+    minilm = minilm.to(device).eval()
+    def p_fresh(batch): return trust.review_logits(minilm, tokenizer, batch).softmax(-1)[:, 1].numpy()
+    checklist = trust.run_checklist(p_fresh, trust.checklist_tests(texts["test"][:fast_or_full(64, 300)]))
+    logits = {k: trust.review_logits(minilm, tokenizer, texts[k]) for k in ("validation", "test")}
+    calibration = trust.temperature_report(logits["validation"], labels["validation"], logits["test"], labels["test"])
+    return dict(probe_best_layer=max(range(len(scores)), key=scores.__getitem__),
+                probe_valid_accuracy=[round(s, 4) for s in scores], probe_train_reviews=len(texts["train"][:n_probe]),
+                checklist_failure_rates={r["test"]: round(r["failure_rate"], 4) for r in checklist},
+                checklist_cases={r["test"]: r["cases"] for r in checklist}), calibration
+
+def _trust_transfer(x_train, x_test, device) -> dict:
+    "Chapter 4's MNIST-pretrained encoder against scratch on the UCI 8x8 digits at 10 labels per class."
+    from . import trust
+    from .vision import cached_autoencoder
     autoencoder, _ = cached_autoencoder(x_train, epochs=fast_or_full(1, 3), device=device, eval_images=x_test[:1000])
     digits = trust.uci_digits()
     (xd, yd), (xt, yt) = digits["train"], digits["test"]
@@ -469,23 +471,31 @@ def bench_trust(runs: int | None = None, device=None) -> dict:
                                      per_class=(10,), seeds=fast_or_full((0, 1), (0, 1, 2)), device=device,
                                      **trust.TRANSFER_RECIPES["fast" if is_fast() else "full"])
     gain = trust.transfer_table(transfer)[0]
-    return dict(mnist_ig_completeness_error=round(ig["completeness_by_hand"].max().item(), 5),
-                mnist_ig_captum_max_relative_difference=float(f"{ig['max_relative_difference']:.3g}"),
-                mnist_ig_steps=64, mnist_ig_images=len(examples),
-                probe_best_layer=max(range(len(scores)), key=scores.__getitem__),
-                probe_valid_accuracy=[round(s, 4) for s in scores], probe_train_reviews=len(probe_train),
-                checklist_failure_rates={r["test"]: round(r["failure_rate"], 4) for r in checklist},
-                checklist_cases={r["test"]: r["cases"] for r in checklist},
+    keys = ("pretrained", "pretrained_std", "scratch", "scratch_std")
+    return dict(transfer_digits_gain_10_labels=round(gain["gain"], 2),
+                transfer_digits_10_labels={k: round(gain[k], 2) for k in keys}, transfer_digits_seeds=gain["seeds"])
+
+def bench_trust(runs: int | None = None, device=None) -> dict:
+    """Chapter 10's headline numbers in one run (`runs` is not used: nothing here is timed).
+
+    IG on the CNN, the per-layer probe, CheckList, calibration of both models, and the new-domain gain at 10 labels
+    per class."""
+    from .compress import mnist_teacher
+    device = get_device(device)
+    hardware = hardware_info(device)
+    start = time.perf_counter()
+    x_train, y_train = mnist_tensors(train=True, device=device, limit=fast_or_full(4096, None))
+    x_test, y_test = mnist_tensors(train=False, device=device, limit=fast_or_full(1000, None))
+    cnn = mnist_teacher(x_train, y_train, x_test, y_test, device=device).eval()
+    cnn_res, cnn_calibration = _trust_cnn(x_test, y_test, cnn)
+    review_res, review_calibration = _trust_reviews(device)
+    calibration = {"mnist_cnn": cnn_calibration, "minilm_reviews": review_calibration}
+    return dict(**cnn_res, **review_res,
                 ece_before={k: round(v["ece_before"], 5) for k, v in calibration.items()},
                 ece_after={k: round(v["ece_after"], 5) for k, v in calibration.items()},
                 temperature={k: round(v["temperature"], 4) for k, v in calibration.items()},
-                transfer_digits_gain_10_labels=round(gain["gain"], 2),
-                transfer_digits_10_labels={k: round(gain[k], 2) for k in ("pretrained", "pretrained_std", "scratch",
-                                                                          "scratch_std")},
-                                                                          transfer_digits_seeds=gain["seeds"],
-                                                                          mode="fast" if is_fast() else "full",
-                                                                          seconds=round(time.perf_counter() - start, 1),
-                                                                          **hardware)
+                **_trust_transfer(x_train, x_test, device), mode="fast" if is_fast() else "full",
+                seconds=round(time.perf_counter() - start, 1), **hardware)
 
 def format_trust(res: dict) -> str:
     "The trust benchmark as Markdown: one line per headline number, the CheckList rates as a table."
@@ -503,8 +513,8 @@ def format_trust(res: dict) -> str:
              f"{res['transfer_digits_10_labels']['scratch_std']:.1f} % ({res['transfer_digits_gain_10_labels']:+.1f} "
              f"points)",
              "", "| CheckList test | cases | failure rate |", "|---|---:|---:|",
-             *(
-                 f"| {t} | {res['checklist_cases'][t]} | {100*r:.1f} % |" for t, r in res["checklist_failure_rates"].items()),
+             *(f"| {t} | {res['checklist_cases'][t]} | {100*r:.1f} % |"
+               for t, r in res["checklist_failure_rates"].items()),
              f"\n{res['mode']} mode, {res['device']}, {res['seconds']:.0f} s"]
     return "\n".join(lines)
 
