@@ -301,8 +301,8 @@ def run_checklist(predict_fresh, tests: dict[str, dict], tolerance: float = 0.1)
             p = np.asarray(predict_fresh([c["text"] for c in cases]))
             failed = (p >= 0.5).astype(int) != np.array([c["label"] for c in cases])
         elif kind in ("INV", "DIR"):
-            p0 = np.asarray(predict_fresh([c["original"] for c in cases])); p1 = np.asarray(
-                predict_fresh([c["perturbed"] for c in cases]))
+            p0 = np.asarray(predict_fresh([c["original"] for c in cases]))
+            p1 = np.asarray(predict_fresh([c["perturbed"] for c in cases]))
             failed = (p0 >= 0.5) != (p1 >= 0.5) if kind == "INV" else p1 > p0 + tolerance
         else: raise ValueError(f"Test {name!r} has kind {kind!r}; expected 'MFT', 'INV' or 'DIR'.")
         first = int(np.argmax(failed)) if failed.any() else None

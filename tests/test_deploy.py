@@ -6,9 +6,7 @@ plumbing and agreement with ONNX Runtime called directly, not the models' accura
 import base64
 import io
 import json
-import os
 import shutil
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from browser_helpers import chromium
 from ptm_course import deploy as D
 from ptm_course.compress import export_onnx
 from ptm_course.data import load_mnist, mnist_tensors
@@ -346,25 +345,10 @@ def test_bounded_load_test_has_no_errors(server):
 
 # ---- the page in a real browser ----
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
 @pytest.fixture(scope="module")
 def browser_page():
-    required = os.environ.get("PTM_REQUIRE_BROWSER") == "1"  # .ci/run sets it: there a missing browser is a failure
-    try: from playwright.sync_api import sync_playwright
-    except ImportError:
-        if required: raise
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    if not Path(CHROMIUM).exists():
-        if required: pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser.new_page(viewport={"width": 900, "height": 1200})
-        browser.close()
 
 
 def draw(page, strokes):

@@ -12,14 +12,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from browser_helpers import browser_required, chromium
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-REQUIRED = os.environ.get("PTM_REQUIRE_BROWSER") == "1"  # .ci/run sets it: there a missing tool fails instead of skipping
-
-
 def _build_site_module():
     spec = importlib.util.spec_from_file_location("build_site", ROOT/"scripts"/"build_site.py")
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
@@ -31,7 +26,7 @@ def site(tmp_path_factory):
     build_site = _build_site_module()
     if not (ROOT/"node_modules"/"mathjax"/"es5"/"tex-svg.js").exists():
         message = "MathJax is not installed: run `npm ci` in the repository (the website serves it itself)"
-        if REQUIRED: pytest.fail(message)
+        if browser_required(): pytest.fail(message)
         pytest.skip(message)
     out = tmp_path_factory.mktemp("site")/"_site"
     assert build_site.main(["--output", str(out)]) == 0
@@ -102,17 +97,8 @@ def test_chapters_link_their_exercises_and_hide_nbdev_directives(site):
 
 @pytest.fixture(scope="module")
 def browser():
-    try: from playwright.sync_api import sync_playwright
-    except ImportError:
-        if REQUIRED: raise
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    if not Path(CHROMIUM).exists():
-        if REQUIRED: pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
